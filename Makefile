@@ -1,0 +1,53 @@
+# The two commands of the README are `make demo` and `make test`; everything else is a step of them.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+VENV := .venv
+PY := $(VENV)/bin/python
+UV := $(VENV)/bin/uv
+FIND_LINKS := $(shell pip config get global.find-links 2>/dev/null || echo /opt/wheels)
+STACK := $(PY) -m scripts.localstack
+PYTEST_ARGS ?=
+
+.PHONY: help deps venv up down status demo test test-unit lint bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+deps: venv  ## install Debian packages and the Python environment
+	@scripts/install_system.sh
+
+# The venv is rebuilt when a requirements file changes; uv + find-links takes the local CPU torch wheel.
+venv: $(VENV)/.installed
+$(VENV)/.installed: requirements.txt requirements-dev.txt training/pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@test -x $(UV) || $(VENV)/bin/pip install -q "uv==0.13.9"
+	$(UV) pip install -q --python $(PY) --find-links $(FIND_LINKS) -r requirements.txt -r requirements-dev.txt
+	@$(PY) -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	@touch $@
+
+up: deps  ## start the local HPC site + Airflow (idempotent)
+	@$(STACK) up
+
+down:  ## stop every service of the local stack
+	@test -x $(PY) && $(STACK) down || echo "no .venv: nothing to stop"
+
+status:  ## one table: each service's state and health
+	@$(STACK) status
+
+demo: up  ## all set-up, start the stack, run the main job end to end
+	@$(PY) -m scripts.demo
+
+test: up  ## all set-up and the whole suite against the real local stack
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-unit: venv  ## fast tests only (no services)
+	$(PY) -m pytest -m "not integration and not e2e" $(PYTEST_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+bench: up  ## benchmarks: print figures, write bench/results/*.json
+	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean: down  ## remove the stack's state (data, keys, images) and the venv
+	rm -rf .stack $(VENV)

@@ -1,0 +1,227 @@
+"""``python -m scripts.localstack up|down|status``: the local HPC site + Airflow, supervised.
+
+``up`` is idempotent: it provisions what is missing, starts what is not running, wave by wave,
+and stops at the first service that fails its health check, showing the tail of its log and
+stopping everything it started, so nothing is left half-started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+import xmlrpc.client
+from http.client import HTTPConnection
+from socket import AF_UNIX, SOCK_STREAM, socket
+
+from . import provision
+from .config import STACK, VENV_BIN, write_stack_env
+from .services import SLURM_ENV, Service, services, supervisord_conf
+
+SUPERVISOR_SOCK = STACK / "run" / "supervisor.sock"
+CONF = STACK / "supervisord.conf"
+HEALTH_TIMEOUT = {"airflow-api-server": 180, "airflow-scheduler": 120, "airflow-dag-processor": 120,
+                  "airflow-triggerer": 120, "mlflow": 120, "slurmd": 90}
+
+
+class _UnixHTTP(HTTPConnection):
+    def connect(self) -> None:
+        self.sock = socket(AF_UNIX, SOCK_STREAM)
+        self.sock.connect(str(SUPERVISOR_SOCK))
+
+
+class _UnixTransport(xmlrpc.client.Transport):
+    def make_connection(self, host):
+        return _UnixHTTP("localhost")
+
+
+def supervisor():
+    """XML-RPC proxy to our supervisord (raises OSError when it is not running)."""
+    proxy = xmlrpc.client.ServerProxy("http://localhost", transport=_UnixTransport())
+    proxy.supervisor.getState()
+    return proxy.supervisor
+
+
+def _running_supervisor():
+    try:
+        return supervisor()
+    except (OSError, xmlrpc.client.Error):
+        return None
+
+
+def _states(sup) -> dict[str, dict]:
+    return {p["name"]: p for p in sup.getAllProcessInfo()} if sup else {}
+
+
+def _port_owner(port: int) -> str | None:
+    out = subprocess.run(["ss", "-Hltnp", f"sport = :{port}"], capture_output=True, text=True).stdout.strip()
+    if not out:
+        return None
+    return out.split("users:")[-1] if "users:" in out else "another process"
+
+
+def _log_tail(svc: Service, lines: int = 25) -> str:
+    if not svc.log.exists():
+        return "(no log yet)"
+    return "\n".join(svc.log.read_text(errors="replace").splitlines()[-lines:])
+
+
+def preflight(svcs: list[Service]) -> None:
+    """Fail before starting anything on a missing program or a port held by someone else."""
+    missing = [s.command[0] for s in svcs if not shutil.which(s.command[0])]
+    missing += [t for t in ("ssh", "docker", "sbatch", "sacctmgr", "psql", "mariadb", "htpasswd", "debootstrap")
+                if not shutil.which(t)]
+    if missing:
+        sys.exit(f"missing dependencies: {', '.join(sorted(set(missing)))}\n"
+                 "  run `make deps` (scripts/install_system.sh and the .venv) first")
+    states = _states(_running_supervisor())
+    for s in svcs:
+        if s.port and states.get(s.name, {}).get("statename") != "RUNNING":
+            owner = _port_owner(s.port)
+            if owner:
+                sys.exit(f"port {s.port} is already in use ({owner}); the {s.name} service needs it.\n"
+                         "  stop that process, or `make down` if it is a leftover of this stack")
+
+
+def wait_healthy(sup, svc: Service) -> None:
+    deadline = time.monotonic() + HEALTH_TIMEOUT.get(svc.name, 60)
+    reason = "not checked"
+    while time.monotonic() < deadline:
+        state = sup.getProcessInfo(svc.name)["statename"]
+        if state in {"FATAL", "EXITED", "BACKOFF", "STOPPED"}:
+            reason = f"process {state.lower()}"
+            break
+        reason = svc.health()
+        if reason is None:
+            return
+        time.sleep(1)
+    print(f"\nFAILED: {svc.name} did not become healthy: {reason}\n--- last lines of {svc.log} ---\n"
+          f"{_log_tail(svc)}\n---", file=sys.stderr)
+    sys.exit(1)
+
+
+def start_wave(sup, svcs: list[Service], wave: int) -> None:
+    batch = [s for s in svcs if s.wave == wave]
+    states = _states(sup)
+    for s in batch:
+        if states[s.name]["statename"] != "RUNNING":
+            sup.startProcess(s.name, False)
+    for s in batch:
+        wait_healthy(sup, s)
+    print(f"  wave {wave} healthy: {', '.join(s.name for s in batch)}")
+
+
+def up() -> None:
+    t0 = time.monotonic()
+    svcs = services()
+    preflight(svcs)
+    try:
+        _provision_and_start(svcs)
+    except SystemExit as exc:
+        if exc.code not in (0, None):
+            print(f"{exc.code}\nstopping the stack so nothing is left half-started", file=sys.stderr)
+            down(quiet=True)
+        raise
+    print(f"stack is up in {time.monotonic() - t0:.0f} s (addresses and dev credentials: {STACK / 'stack.env'})")
+    status()
+
+
+def _provision_and_start(svcs: list[Service]) -> None:
+    provision.folders()
+    provision.cluster_user()
+    provision.keys()
+    provision.configs()
+    provision.init_databases()
+    CONF.write_text(supervisord_conf(svcs))
+    sup = _running_supervisor()
+    if sup is None:
+        subprocess.run([str(VENV_BIN / "supervisord"), "-c", str(CONF)], check=True)
+        for _ in range(50):
+            sup = _running_supervisor()
+            if sup:
+                break
+            time.sleep(0.2)
+    else:
+        # Pick up config changes without touching running programs.
+        sup.reloadConfig()
+    start_wave(sup, svcs, 1)
+    provision.database_users()
+    start_wave(sup, svcs, 2)
+    provision.slurm_accounting()
+    provision.airflow_db()
+    for wave in (3, 4, 5):
+        start_wave(sup, svcs, wave)
+    provision.registry_login()
+    provision.base_image()
+    provision.load_airflow_settings()
+    write_stack_env()
+
+
+def status() -> int:
+    """Print one table: each service's process state and health. Exit 1 if any is unhealthy."""
+    sup = _running_supervisor()
+    states = _states(sup)
+    bad = 0
+    print(f"{'service':<22}{'process':<10}{'pid':>8}  {'port':<6} health")
+    for s in services():
+        st = states.get(s.name, {})
+        state = st.get("statename", "DOWN")
+        health = s.health() if state == "RUNNING" else "not running"
+        bad += health is not None
+        print(f"{s.name:<22}{state:<10}{st.get('pid') or '-':>8}  {s.port or '-':<6} {health or 'ok'}")
+    return 1 if bad else 0
+
+
+def _ours_left() -> list[str]:
+    """Processes of this stack still alive (by their config/data paths or daemon names)."""
+    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    names = ("slurmctld", "slurmd ", "slurmdbd", "slurmstepd", "munged", "dockerd", "containerd", "docker-registry",
+             "nx-27017", "mariadbd")
+    return [line.strip() for line in out.splitlines()
+            if (str(STACK) in line or any(n in line for n in names)) and "localstack" not in line]
+
+
+def down(quiet: bool = False) -> None:
+    """Cancel running jobs, stop every service and supervisord, and check nothing is left."""
+    sup = _running_supervisor()
+    if sup:
+        if _states(sup).get("slurmctld", {}).get("statename") == "RUNNING":
+            subprocess.run(["scancel", "--quiet", "--partition", "debug"], env={**os.environ, **SLURM_ENV},
+                           capture_output=True)
+        sup.stopAllProcesses(True)
+        sup.shutdown()
+        for _ in range(100):
+            if not SUPERVISOR_SOCK.exists() or _running_supervisor() is None:
+                break
+            time.sleep(0.2)
+    # slurmstepd outlives slurmd by design (jobs survive a slurmd restart); on `down` it must go too.
+    subprocess.run(["pkill", "-f", "slurmstepd"], capture_output=True)
+    for _ in range(50):
+        left = _ours_left()
+        if not left:
+            break
+        time.sleep(0.2)
+    if not quiet:
+        if left:
+            print("still running after `down`:\n  " + "\n  ".join(left), file=sys.stderr)
+            sys.exit(1)
+        print("stack is down: no stack process left")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="localstack", description=__doc__)
+    parser.add_argument("command", choices=["up", "down", "status"])
+    cmd = parser.parse_args().command
+    if cmd == "up":
+        up()
+    elif cmd == "down":
+        down()
+    else:
+        sys.exit(status())
+
+
+if __name__ == "__main__":
+    main()

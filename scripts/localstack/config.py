@@ -1,0 +1,157 @@
+"""Paths, generated dev secrets and config rendering for the local stack.
+
+Everything the stack writes lives under one git-ignored folder (``.stack`` by default,
+``SLURMFLOW_STACK_DIR`` to move it). Secrets are generated once and kept in
+``.stack/secrets.env`` (mode 600); ``.stack/stack.env`` is what tests and tools read.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+from pathlib import Path
+from string import Template
+
+REPO = Path(__file__).resolve().parents[2]
+STACK = Path(os.environ.get("SLURMFLOW_STACK_DIR", REPO / ".stack")).resolve()
+VENV_BIN = REPO / ".venv" / "bin"
+TEMPLATES = REPO / "include" / "stack"
+
+CLUSTER_USER = "hpcuser"
+SLURM_ACCOUNT = "research"
+SLURM_PARTITION = "debug"
+REGISTRY = "127.0.0.1:5000"
+BASE_IMAGE_REPO, BASE_IMAGE_TAG = "slurmflow/base", "bookworm"
+BASE_IMAGE = f"{REGISTRY}/{BASE_IMAGE_REPO}:{BASE_IMAGE_TAG}"
+PG_PORT = 5433  # not 5432: leave the machine's own PostgreSQL cluster alone
+AIRFLOW_USER = AIRFLOW_PASSWORD = "admin"  # dev-only login, documented in the README
+
+# Names of the generated secrets; values live only in .stack/secrets.env.
+SECRET_NAMES = (
+    "PG_AIRFLOW_PASSWORD",
+    "PG_MLFLOW_PASSWORD",
+    "MARIADB_SLURM_PASSWORD",
+    "REGISTRY_PASSWORD",
+    "REGISTRY_HTTP_SECRET",
+    "MLFLOW_ADMIN_PASSWORD",
+    "MLFLOW_FLASK_SECRET_KEY",
+    "AIRFLOW_JWT_SECRET",
+    "AIRFLOW_API_SECRET_KEY",
+)
+
+
+SLURM_CONF = STACK / "etc" / "slurm" / "slurm.conf"
+SSH_KEY = STACK / "keys" / "id_ed25519"
+CLUSTER_HOME = STACK / "home" / CLUSTER_USER
+
+
+def _read_env_file(path: Path) -> dict[str, str]:
+    if not path.exists():
+        return {}
+    pairs = (line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
+    return {k.strip(): v.strip() for k, v in pairs if not k.startswith("#")}
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write ``text`` to a mode-600 file, never world-readable even for a moment."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.chmod(path, 0o600)
+
+
+def load_secrets() -> dict[str, str]:
+    """Return the dev secrets, generating the missing ones once (kept across ``make up``)."""
+    path = STACK / "secrets.env"
+    values = _read_env_file(path)
+    missing = [n for n in SECRET_NAMES if not values.get(n)]
+    if missing:
+        values.update({n: secrets.token_urlsafe(24) for n in missing})
+        _write_private(path, "".join(f"{k}={v}\n" for k, v in sorted(values.items())))
+    return values
+
+
+def template_vars() -> dict[str, str]:
+    """Variables available to the templates in include/stack/."""
+    return {
+        "STACK_DIR": str(STACK),
+        "REPO": str(REPO),
+        "HOSTNAME": socket.gethostname().split(".")[0],
+        "CLUSTER_USER": CLUSTER_USER,
+        **load_secrets(),
+    }
+
+
+def render(template: str, dest: Path, mode: int = 0o644) -> None:
+    """Fill ``include/stack/<template>`` with :func:`template_vars` into ``dest``."""
+    text = Template((TEMPLATES / template).read_text()).substitute(template_vars())
+    if mode & 0o077 == 0:
+        _write_private(dest, text)
+    else:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_text(text)
+        os.chmod(dest, mode)
+
+
+def stack_env() -> dict[str, str]:
+    """What tests, tools and ``airflow_settings.yaml`` need to reach the local services."""
+    s = load_secrets()
+    return {
+        "STACK_DIR": str(STACK),
+        "SSH_HOST": "127.0.0.1",
+        "SSH_PORT": "2222",
+        "SSH_USER": CLUSTER_USER,
+        "SSH_KEY": str(SSH_KEY),
+        "SLURM_CONF": str(SLURM_CONF),
+        "SLURM_PARTITION": SLURM_PARTITION,
+        "SLURM_ACCOUNT": SLURM_ACCOUNT,
+        "CLUSTER_JOB_ROOT": str(CLUSTER_HOME / "slurmflow-jobs"),
+        "REGISTRY": "127.0.0.1:5000",
+        "REGISTRY_USER": "slurmflow",
+        "REGISTRY_PASSWORD": s["REGISTRY_PASSWORD"],
+        "BASE_IMAGE": BASE_IMAGE,
+        "MLFLOW_TRACKING_URI": "http://127.0.0.1:5001",
+        "MLFLOW_TRACKING_USERNAME": "admin",
+        "MLFLOW_TRACKING_PASSWORD": s["MLFLOW_ADMIN_PASSWORD"],
+        "MONGO_URI": "mongodb://127.0.0.1:27017",
+        "AIRFLOW_URL": "http://127.0.0.1:8080",
+        "AIRFLOW_USER": AIRFLOW_USER,
+        "AIRFLOW_PASSWORD": AIRFLOW_PASSWORD,
+    }
+
+
+def write_stack_env() -> None:
+    """Write ``.stack/stack.env`` (mode 600: it holds dev credentials)."""
+    header = "# Written by `make up`: addresses and dev credentials of the local stack.\n"
+    _write_private(STACK / "stack.env", header + "".join(f"{k}={v}\n" for k, v in stack_env().items()))
+
+
+def airflow_env() -> dict[str, str]:
+    """Environment shared by every Airflow component (api-server, scheduler, ...)."""
+    s = load_secrets()
+    db = f"postgresql+psycopg2://airflow:{s['PG_AIRFLOW_PASSWORD']}@127.0.0.1:{PG_PORT}/airflow"
+    return {
+        "AIRFLOW_HOME": str(STACK / "airflow"),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
+        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__PARALLELISM": "8",
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": "http://127.0.0.1:8080/execution/",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{AIRFLOW_USER}:admin",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(STACK / "airflow" / "passwords.json"),
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": db,
+        "AIRFLOW__API__HOST": "127.0.0.1",
+        "AIRFLOW__API__PORT": "8080",
+        "AIRFLOW__API__WORKERS": "1",
+        "AIRFLOW__API__SECRET_KEY": s["AIRFLOW_API_SECRET_KEY"],
+        "AIRFLOW__API_AUTH__JWT_SECRET": s["AIRFLOW_JWT_SECRET"],
+        "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(STACK / "airflow" / "logs"),
+        "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30",
+        "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "True",
+        # Slurm, MLflow and Mongo clients in tasks use the stack's addresses.
+        "SLURM_CONF": str(SLURM_CONF),
+        "PYTHONPATH": f"{REPO / 'plugins'}:{REPO}",
+    }

@@ -1,0 +1,237 @@
+"""The services of the local stack: how each starts, which port it owns, how to tell it is healthy.
+
+Each service is one supervisord program, so any single one can be stopped, killed or restarted
+on its own (``supervisorctl -c .stack/supervisord.conf restart slurmd``). They start in waves:
+a wave starts only when every service of the previous waves passed its health check.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import socket
+import subprocess
+import urllib.error
+import urllib.request
+from base64 import b64encode
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import (
+    CLUSTER_USER,
+    PG_PORT,
+    REPO,
+    SLURM_CONF,
+    SSH_KEY,
+    STACK,
+    VENV_BIN,
+    airflow_env,
+    load_secrets,
+)
+
+PG_BIN = "/usr/lib/postgresql/15/bin"
+SLURM_ENV = {"SLURM_CONF": str(SLURM_CONF)}
+# Slurm clients only look for munge at its default socket (AuthInfo is not honoured everywhere).
+MUNGE_SOCKET = Path("/run/munge/munge.socket.2")
+
+
+@dataclass(frozen=True)
+class Service:
+    """One supervised daemon.
+
+    :param name: supervisord program name.
+    :param command: argv of the foreground daemon.
+    :param wave: start order; all services of one wave start together.
+    :param port: the TCP port it owns on 127.0.0.1 (checked before start), if any.
+    :param health: returns None when healthy, else a short reason.
+    :param user: Unix user to run as (supervisord drops privileges).
+    :param env: extra environment.
+    """
+
+    name: str
+    command: list[str]
+    wave: int
+    health: Callable[[], str | None]
+    port: int | None = None
+    user: str = "root"
+    env: dict[str, str] = field(default_factory=dict)
+    stopsignal: str = "TERM"
+
+    @property
+    def log(self):
+        return STACK / "logs" / f"{self.name}.log"
+
+
+def _run(cmd: list[str], env: dict[str, str] | None = None, timeout: float = 10) -> str | None:
+    """Run a probe command; None when it exits 0, else the last line of its output."""
+    try:
+        out = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return str(exc)
+    if out.returncode == 0:
+        return None
+    lines = (out.stderr or out.stdout).strip().splitlines()
+    return lines[-1] if lines else f"exit {out.returncode}"
+
+
+def _http(url: str, ok: tuple[int, ...] = (200,), auth: tuple[str, str] | None = None) -> str | None:
+    req = urllib.request.Request(url)
+    if auth:
+        req.add_header("Authorization", "Basic " + b64encode(f"{auth[0]}:{auth[1]}".encode()).decode())
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            code = resp.status
+    except urllib.error.HTTPError as exc:
+        code = exc.code
+    except OSError as exc:
+        return f"{url}: {exc}"
+    return None if code in ok else f"{url}: HTTP {code}"
+
+
+def _tcp(port: int) -> str | None:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except OSError as exc:
+        return f"127.0.0.1:{port}: {exc.strerror or exc}"
+    return None
+
+
+def _slurmd_health() -> str | None:
+    try:
+        out = subprocess.run(
+            ["sinfo", "-h", "-n", "local1", "-o", "%T"],
+            capture_output=True, text=True, timeout=10, env={**os.environ, **SLURM_ENV},
+        ).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return str(exc)
+    return None if out.rstrip("*") in {"idle", "mixed", "allocated", "completing"} else f"node local1 is {out!r}"
+
+
+def _ssh_health() -> str | None:
+    # A real login, as the pipeline does it: key-only, the cluster user, a Slurm client call.
+    return _run([
+        "ssh", "-i", str(SSH_KEY), "-p", "2222", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
+        "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", f"{CLUSTER_USER}@127.0.0.1", "sinfo -h",
+    ])
+
+
+def _airflow_component(component: str) -> Callable[[], str | None]:
+    def check() -> str | None:
+        try:
+            with urllib.request.urlopen("http://127.0.0.1:8080/api/v2/monitor/health", timeout=5) as r:
+                health = json.load(r)
+        except OSError as exc:
+            return f"api-server: {exc}"
+        status = (health.get(component) or {}).get("status")
+        return None if status == "healthy" else f"{component} is {status or 'not reporting'}"
+
+    return check
+
+
+def _airflow(*args: str) -> list[str]:
+    return [str(VENV_BIN / "airflow"), *args]
+
+
+def services() -> list[Service]:
+    """The whole local stack, in start order."""
+    s = load_secrets()
+    reg_auth = ("slurmflow", s["REGISTRY_PASSWORD"])
+    mlflow_db = f"postgresql+psycopg2://mlflow:{s['PG_MLFLOW_PASSWORD']}@127.0.0.1:{PG_PORT}/mlflow"
+    af_env = airflow_env()
+    munge_sock = ["--socket", str(MUNGE_SOCKET)]
+    return [
+        Service("postgres", [f"{PG_BIN}/postgres", "-D", str(STACK / "pg" / "data"), "-p", str(PG_PORT),
+                             "-c", "listen_addresses=127.0.0.1", "-k", str(STACK / "run" / "pg")],
+                wave=1, port=PG_PORT, user="postgres", stopsignal="INT",
+                health=lambda: _run([f"{PG_BIN}/pg_isready", "-q", "-h", "127.0.0.1", "-p", str(PG_PORT)])),
+        Service("mariadb", ["/usr/sbin/mariadbd", "--no-defaults", f"--datadir={STACK / 'mariadb'}",
+                            f"--socket={STACK / 'run' / 'mysqld.sock'}", "--port=3306",
+                            "--bind-address=127.0.0.1", "--user=root", "--skip-name-resolve",
+                            "--innodb-buffer-pool-size=64M", "--performance-schema=OFF"],
+                wave=1, port=3306,
+                health=lambda: _run(["mariadb-admin", f"--socket={STACK / 'run' / 'mysqld.sock'}", "ping"])),
+        Service("munged", ["/usr/sbin/munged", "-F", *munge_sock, f"--key-file={STACK / 'munge' / 'munge.key'}",
+                           f"--seed-file={STACK / 'munge' / 'munged.seed'}",
+                           "--pid-file=/run/munge/munged.pid",
+                           f"--log-file={STACK / 'logs' / 'munged.daemon.log'}"],
+                wave=1, user="munge",
+                health=lambda: _run(["sh", "-c", f"munge -n {shlex.join(munge_sock)} | unmunge {shlex.join(munge_sock)}"])),
+        Service("sshd", ["/usr/sbin/sshd", "-D", "-e", "-f", str(STACK / "sshd" / "sshd_config")],
+                wave=1, port=2222, health=lambda: _tcp(2222)),
+        Service("dockerd", ["/usr/sbin/dockerd", f"--data-root={STACK / 'docker'}",
+                            f"--exec-root={STACK / 'run' / 'docker'}", f"--pidfile={STACK / 'run' / 'dockerd.pid'}",
+                            "--host=unix:///var/run/docker.sock", "--group=docker"],
+                wave=1, health=lambda: _run(["docker", "version", "--format", "{{.Server.Version}}"])),
+        Service("registry", ["/usr/bin/docker-registry", "serve", str(STACK / "registry" / "config.yml")],
+                wave=1, port=5000, health=lambda: _http("http://127.0.0.1:5000/v2/", auth=reg_auth)),
+        Service("mongo", [str(VENV_BIN / "nx-27017"), "--host", "127.0.0.1", "--port", "27017",
+                          "--data-dir", str(STACK / "mongo"), "--log-file", str(STACK / "logs" / "mongo.daemon.log"),
+                          "--pid-file", str(STACK / "run" / "mongo.pid")],
+                wave=1, port=27017, health=lambda: _tcp(27017)),
+        Service("slurmdbd", ["/usr/sbin/slurmdbd", "-D"], wave=2, port=6819, env=SLURM_ENV,
+                health=lambda: _run(["sacctmgr", "-n", "-P", "show", "cluster", "format=cluster"], SLURM_ENV)),
+        Service("mlflow", [str(VENV_BIN / "mlflow"), "server", "--app-name", "basic-auth",
+                           "--backend-store-uri", mlflow_db,
+                           "--artifacts-destination", str(STACK / "mlflow" / "artifacts"),
+                           "--host", "127.0.0.1", "--port", "5001", "--workers", "1"],
+                wave=2, port=5001,
+                env={"MLFLOW_AUTH_CONFIG_PATH": str(STACK / "mlflow" / "auth.ini"),
+                     "MLFLOW_FLASK_SERVER_SECRET_KEY": s["MLFLOW_FLASK_SECRET_KEY"],
+                     "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+                health=lambda: _http("http://127.0.0.1:5001/health")),
+        Service("slurmctld", ["/usr/sbin/slurmctld", "-D", "-i"], wave=3, port=6817, env=SLURM_ENV,
+                health=lambda: _run(["scontrol", "ping"], SLURM_ENV)),
+        Service("slurmd", ["/usr/sbin/slurmd", "-D", "-N", "local1"], wave=4, port=6818, env=SLURM_ENV,
+                health=_slurmd_health),
+        Service("airflow-api-server", _airflow("api-server"), wave=4, port=8080, env=af_env,
+                health=lambda: _http("http://127.0.0.1:8080/api/v2/monitor/health")),
+        Service("airflow-scheduler", _airflow("scheduler"), wave=5, env=af_env,
+                health=_airflow_component("scheduler")),
+        Service("airflow-dag-processor", _airflow("dag-processor"), wave=5, env=af_env,
+                health=_airflow_component("dag_processor")),
+        Service("airflow-triggerer", _airflow("triggerer"), wave=5, env=af_env,
+                health=_airflow_component("triggerer")),
+    ]
+
+
+def supervisord_conf(svcs: list[Service]) -> str:
+    """The supervisord configuration: every service, none started automatically.
+
+    ``make up`` starts them wave by wave so that it can stop at the first unhealthy one.
+    """
+    run = STACK / "run"
+    lines = [
+        "; Written by `make up` (scripts/localstack); edits are overwritten.",
+        "[unix_http_server]", f"file={run / 'supervisor.sock'}", "chmod=0700", "",
+        "[supervisord]", f"logfile={STACK / 'logs' / 'supervisord.log'}", f"pidfile={run / 'supervisord.pid'}",
+        f"directory={REPO}", "nodaemon=false", "minfds=4096", "",
+        "[rpcinterface:supervisor]",
+        "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface", "",
+        "[supervisorctl]", f"serverurl=unix://{run / 'supervisor.sock'}", "",
+    ]
+    for svc in svcs:
+        env = ",".join(f'{k}="{v}"' for k, v in svc.env.items())
+        lines += [
+            f"[program:{svc.name}]",
+            f"command={shlex.join(svc.command)}",
+            f"user={svc.user}",
+            "autostart=false",
+            "autorestart=unexpected",
+            "startsecs=2",
+            "stopwaitsecs=30",
+            f"stopsignal={svc.stopsignal}",
+            "stopasgroup=true",
+            "killasgroup=true",
+            "redirect_stderr=true",
+            f"stdout_logfile={svc.log}",
+            "stdout_logfile_maxbytes=20MB",
+            "stdout_logfile_backups=1",
+        ]
+        if env:
+            lines.append(f"environment={env}")
+        lines.append("")
+    return "\n".join(lines)
