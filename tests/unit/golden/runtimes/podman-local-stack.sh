@@ -1,0 +1,13 @@
+# slurmflow: podman runs registry.example.org:5000/slurmflow/training@sha256:3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f
+sf_image=registry.example.org:5000/slurmflow/training@sha256:3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f
+sf_cache="${SLURMFLOW_IMAGE_CACHE:-$HOME/.cache/slurmflow/images}"
+if ! podman image exists "$sf_image" >/dev/null 2>&1; then
+  mkdir -p "$sf_cache/podman" || exit 1
+  (
+    flock -w 3600 9 || { echo "slurmflow: timed out waiting for the image lock" >&2; exit 1; }
+    podman image exists "$sf_image" >/dev/null 2>&1 && exit 0
+    echo "slurmflow: pulling $sf_image" >&2
+    podman pull -q --tls-verify=false "$sf_image" >/dev/null
+  ) 9>"$sf_cache/podman/sha256-3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f.lock" || exit 1
+fi
+podman run --rm --network host --ipc host --userns keep-id -e HOME=/tmp --runtime runc --ulimit nofile=20000:20000 "$sf_image" python -m hpctrain fit --config '/scratch/jobs/nightly run 7/config.yaml'
