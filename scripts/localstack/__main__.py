@@ -120,9 +120,11 @@ def up() -> None:
     preflight(svcs)
     try:
         _provision_and_start(svcs)
-    except SystemExit as exc:
+    except SystemExit as exc:  # a failed health check or set-up step
         if exc.code not in (0, None):
-            print(f"{exc.code}\nstopping the stack so nothing is left half-started", file=sys.stderr)
+            if isinstance(exc.code, str):
+                print(exc.code, file=sys.stderr)
+            print("stopping the stack so nothing is left half-started", file=sys.stderr)
             down(quiet=True)
         raise
     print(f"stack is up in {time.monotonic() - t0:.0f} s (addresses and dev credentials: {STACK / 'stack.env'})")
@@ -136,6 +138,7 @@ def _provision_and_start(svcs: list[Service]) -> None:
     provision.configs()
     provision.init_databases()
     CONF.write_text(supervisord_conf(svcs))
+    CONF.chmod(0o600)  # it holds the daemons' environment, database passwords included
     sup = _running_supervisor()
     if sup is None:
         subprocess.run([str(VENV_BIN / "supervisord"), "-c", str(CONF)], check=True)
@@ -145,8 +148,15 @@ def _provision_and_start(svcs: list[Service]) -> None:
                 break
             time.sleep(0.2)
     else:
-        # Pick up config changes without touching running programs.
-        sup.reloadConfig()
+        # Like `supervisorctl update`: restart only the programs whose configuration changed.
+        [[added, changed, removed]] = sup.reloadConfig()
+        for name in changed + removed:
+            sup.stopProcessGroup(name)
+            sup.removeProcessGroup(name)
+        for name in added + changed:
+            sup.addProcessGroup(name)
+        if changed:
+            print(f"  configuration changed: restarting {', '.join(changed)}")
     start_wave(sup, svcs, 1)
     provision.database_users()
     start_wave(sup, svcs, 2)
