@@ -1,0 +1,148 @@
+"""MlflowHook: tracking runs and model versions for finished Slurm trainings, idempotently.
+
+Connection ``mlflow_default`` (type HTTP): host, port, schema (http/https), login and password
+for MLflow's basic auth. Every training is keyed by its run key (dag, run, task, map index):
+the MLflow run carries it as the tag ``slurmflow.run_key`` and its model version as well, so a
+retried or re-run registration finds and reuses them instead of creating duplicates.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from airflow.sdk import BaseHook
+
+RUN_KEY_TAG = "slurmflow.run_key"
+
+
+class MlflowHook(BaseHook):
+    """Thin, idempotent layer over :class:`mlflow.MlflowClient`.
+
+    :param mlflow_conn_id: the Airflow connection of the tracking server.
+    """
+
+    conn_name_attr = "mlflow_conn_id"
+    default_conn_name = "mlflow_default"
+    hook_name = "MLflow"
+
+    def __init__(self, mlflow_conn_id: str = default_conn_name) -> None:
+        super().__init__()
+        self.mlflow_conn_id = mlflow_conn_id
+
+    @cached_property
+    def tracking_uri(self) -> str:
+        conn = self.get_connection(self.mlflow_conn_id)
+        port = f":{conn.port}" if conn.port else ""
+        return f"{conn.schema or 'http'}://{conn.host}{port}"
+
+    @cached_property
+    def client(self):
+        import mlflow  # heavy: only when a task really talks to MLflow
+
+        conn = self.get_connection(self.mlflow_conn_id)
+        # MLflow's REST client reads basic-auth credentials only from the environment; this is
+        # the task's own process, and the values never reach argv or the log.
+        if conn.login:
+            os.environ["MLFLOW_TRACKING_USERNAME"] = conn.login
+            os.environ["MLFLOW_TRACKING_PASSWORD"] = conn.password or ""
+        return mlflow.MlflowClient(tracking_uri=self.tracking_uri)
+
+    def ui_url(self, path: str) -> str:
+        return f"{self.tracking_uri}/#/{path.lstrip('/')}"
+
+    def experiment_id(self, name: str) -> str:
+        exp = self.client.get_experiment_by_name(name)
+        return exp.experiment_id if exp else self.client.create_experiment(name)
+
+    def find_run(self, experiment: str, run_key: str):
+        """The run registered under ``run_key``, or None."""
+        runs = self.client.search_runs(
+            [self.experiment_id(experiment)], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'", max_results=1
+        )
+        return runs[0] if runs else None
+
+    def log_training(
+        self,
+        *,
+        experiment: str,
+        run_key: str,
+        run_name: str,
+        params: Mapping[str, Any],
+        metrics: Mapping[str, float],
+        tags: Mapping[str, str],
+        artifacts: Mapping[str, str | Path] = (),
+        run_id: str | None = None,
+    ) -> str:
+        """Create (or find, or adopt) the MLflow run of a training and log its outcome.
+
+        :param experiment: experiment name; created when missing.
+        :param run_key: the deterministic key; a second call with the same key reuses the run.
+        :param run_name: a readable name for the UI.
+        :param params: hyperparameters (stringified; MLflow refuses a changed value for a key).
+        :param metrics: final metrics, ``train/loss``-style names.
+        :param tags: Slurm facts, image digest, code version...
+        :param artifacts: artifact path -> local file or folder to upload.
+        :param run_id: a run the training already logged live (online mode) to adopt.
+        :return: the run id.
+        """
+        from mlflow.entities import Metric, Param, RunTag
+
+        client = self.client
+        run = self.find_run(experiment, run_key)
+        if run is None and run_id:
+            client.set_tag(run_id, RUN_KEY_TAG, run_key)
+            run = client.get_run(run_id)
+        if run is None:
+            run = client.create_run(self.experiment_id(experiment), run_name=run_name, tags={RUN_KEY_TAG: run_key})
+        rid = run.info.run_id
+        logged = run.data.params
+        new_params = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in logged]
+        client.log_batch(
+            rid,
+            metrics=[Metric(k, float(v), 0, 0) for k, v in metrics.items() if v is not None],
+            params=new_params,
+            tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()],
+        )
+        for dest, local in dict(artifacts).items():
+            local = Path(local)
+            if local.is_dir():
+                client.log_artifacts(rid, str(local), dest)
+            elif local.exists():
+                client.log_artifact(rid, str(local), dest)
+        if run.info.status != "FINISHED":
+            client.set_terminated(rid, "FINISHED")
+        return rid
+
+    def register_model(self, name: str, run_id: str, artifact_path: str, tags: Mapping[str, str]) -> str:
+        """Register the run's model as a version of ``name`` once; later calls return that version.
+
+        :return: the model version number (as a string, as MLflow returns it).
+        """
+        from mlflow.exceptions import MlflowException
+
+        client = self.client
+        try:
+            client.create_registered_model(name, description="Trained on Slurm by slurmflow")
+        except MlflowException as exc:
+            if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
+                raise
+        for mv in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
+            return mv.version
+        mv = client.create_model_version(name, f"runs:/{run_id}/{artifact_path}", run_id=run_id, tags=dict(tags))
+        return mv.version
+
+    def version_by_alias(self, name: str, alias: str):
+        """The model version holding ``alias``, or None."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.get_model_version_by_alias(name, alias)
+        except MlflowException:
+            return None
+
+    def set_alias(self, name: str, alias: str, version: str) -> None:
+        self.client.set_registered_model_alias(name, alias, version)
