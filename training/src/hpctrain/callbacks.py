@@ -1,0 +1,108 @@
+"""Callbacks that make a resumed run continue exactly where the interrupted one stopped."""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+
+
+def _capture_rng() -> dict[str, Any]:
+    # Plain types and tensors only: checkpoints load with torch.load(weights_only=True).
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class RngStateCallback(Callback):
+    """Checkpoint the global RNG streams (torch, CUDA, numpy, python) and restore them on resume.
+
+    Lightning does not save them; without this, dropout masks after a resume differ from the
+    uninterrupted run's. The restore happens at ``on_train_start``, after the sanity check and
+    data loader setup (which may draw random numbers) and just before the first resumed step.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": _capture_rng()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending = state_dict.get("rng")
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._pending is not None:
+            _restore_rng(self._pending)
+            self._pending = None
+
+
+def _floats(metrics: dict[str, Any], prefix: str) -> dict[str, float]:
+    out = {}
+    for key, value in metrics.items():
+        if key.startswith(prefix):
+            number = float(value.item() if isinstance(value, torch.Tensor) else value)
+            if math.isfinite(number):
+                out[key] = number
+    return out
+
+
+class EpochHistory(Callback):
+    """Per-epoch metric rows (``epoch``, ``step``, ``val/*``, ``train/loss_epoch``) for the manifest.
+
+    Kept in checkpoints so the history of a requeued job covers all its attempts.
+    """
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+
+    def _row(self, trainer: pl.Trainer) -> dict[str, Any]:
+        if not self.rows or self.rows[-1]["epoch"] != trainer.current_epoch:
+            self.rows.append({"epoch": trainer.current_epoch})
+        return self.rows[-1]
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        row = self._row(trainer)
+        row.update(_floats(trainer.callback_metrics, "val/"))
+        row["step"] = trainer.global_step
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        row = self._row(trainer)
+        row.update(_floats(trainer.callback_metrics, "train/loss_epoch"))
+        row["step"] = trainer.global_step
+
+    def best(self, monitor: str, mode: str) -> dict[str, Any] | None:
+        """The row with the best ``monitor`` value (``None`` if never validated)."""
+        rows = [r for r in self.rows if monitor in r]
+        if not rows:
+            return None
+        pick = min if mode == "min" else max
+        return dict(pick(rows, key=lambda r: r[monitor]))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rows": self.rows}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.rows = list(state_dict.get("rows", []))

@@ -1,0 +1,196 @@
+"""``HpcTrainCLI``: LightningCLI with the job-level behaviour of an HPC batch run.
+
+LightningCLI parses and type-checks the config (unknown keys and wrong types fail before anything
+is built), instantiates model, data module and Trainer, and makes every init argument a command
+line flag (``--model.lr 0.01``, ``--data.batch_size 128``, ``--trainer.max_epochs 5``). On top of
+it this class:
+
+* resolves the job directory and refuses to retrain a job whose ``result.json`` is complete,
+* installs the preemption signal latch and adds the checkpoint/requeue callbacks,
+* derives ``devices``/``num_nodes`` from the ``srun`` step and uses Lightning's
+  ``SLURMEnvironment`` with ``auto_requeue=False`` (our callback requeues, see
+  :mod:`hpctrain.preemption`),
+* picks the MLflow target (server or offline store) and keeps one run across requeues.
+
+It runs with ``run=False``: :mod:`hpctrain.fit` drives ``trainer.fit`` itself, so that checks
+before compute, resume, export and the manifest happen in one place.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+from jsonargparse import Namespace
+from lightning.fabric.plugins.environments import ClusterEnvironment, SLURMEnvironment
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+from hpctrain import environment, tracking
+from hpctrain.callbacks import EpochHistory, RngStateCallback
+from hpctrain.data.base import HpcDataModule
+from hpctrain.errors import AlreadyComplete
+from hpctrain.job import JOB_DIR_ENV, JobDir, resolve_job_dir
+from hpctrain.manifest import is_complete, load_manifest
+from hpctrain.options import RunOptions
+from hpctrain.preemption import PreemptionCallback
+from hpctrain.signals import SignalLatch, install_process_latch
+from hpctrain.tasks.base import TaskModule
+
+log = logging.getLogger(__name__)
+
+TRAINER_DEFAULTS: dict[str, Any] = {
+    # Batch logs are files: a progress bar writes a line per refresh into the Slurm output.
+    "enable_progress_bar": False,
+    # Reproducible by default; on CPU this costs nothing measurable.
+    "deterministic": True,
+    "log_every_n_steps": 10,
+}
+
+
+def _step_layout(environ: dict[str, str] | None = None) -> tuple[int, int] | None:
+    """``(tasks per node, nodes)`` of the current ``srun`` step, if inside one."""
+    env = os.environ if environ is None else environ
+    tasks, nodes = env.get("SLURM_STEP_NUM_TASKS"), env.get("SLURM_STEP_NUM_NODES")
+    if not (tasks and nodes and tasks.isdigit() and nodes.isdigit() and int(nodes) > 0):
+        return None
+    return max(1, int(tasks) // int(nodes)), int(nodes)
+
+
+class HpcTrainCLI(LightningCLI):
+    """LightningCLI for ``hpctrain fit``; see the module docstring.
+
+    :param args: command line arguments after ``fit`` (``None``: ``sys.argv[2:]``).
+    """
+
+    def __init__(self, args: list[str] | None = None) -> None:
+        self.job: JobDir | None = None
+        self.options: RunOptions | None = None
+        self.latch: SignalLatch | None = None
+        self.target: tracking.TrackingTarget | None = None
+        self.history = EpochHistory()
+        self.checkpoint_callback: ModelCheckpoint | None = None
+        self.preemption_callback: PreemptionCallback | None = None
+        super().__init__(
+            model_class=TaskModule,
+            datamodule_class=HpcDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_callback=None,  # we write config.yaml ourselves, credentials redacted
+            trainer_defaults=TRAINER_DEFAULTS,
+            seed_everything_default=42,
+            auto_configure_optimizers=False,  # the task's --model.lr etc. are the only optimizer knobs
+            parser_kwargs={"prog": "hpctrain fit", "description": "Train an hpctrain task (Lightning)."},
+            args=args,
+            run=False,
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_class_arguments(RunOptions, "run", fail_untyped=True)
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        # Same as LightningCLI's, without its warning about args given while sys.argv is set:
+        # sys.argv must keep "fit" because Lightning's DDP launcher re-executes it for rank > 0.
+        self.config = (
+            parser.parse_object(args) if isinstance(args, dict | Namespace) else parser.parse_args(args)
+        )
+
+    # -- after parsing, before anything is built ----------------------------------------------
+    def before_instantiate_classes(self) -> None:
+        config = self.config
+        run = config.run
+        self.job = JobDir(resolve_job_dir(run.job_dir)).create()
+        # Children started by Lightning's DDP launcher and the data modules read it from here.
+        os.environ[JOB_DIR_ENV] = str(self.job.root)
+        if not run.smoke and is_complete(load_manifest(self.job.root)):
+            raise AlreadyComplete(str(self.job.result))
+        self.latch = install_process_latch(run.preemption_signal)
+
+        threads = run.num_threads or environment.default_num_threads()
+        if threads:
+            torch.set_num_threads(threads)
+
+        trainer = config.trainer
+        layout = _step_layout()
+        if layout and SLURMEnvironment.detect():
+            tasks_per_node, nodes = layout
+            if trainer.devices in (None, "auto"):
+                trainer.devices = tasks_per_node
+            if trainer.num_nodes in (None, 1) and nodes > 1:
+                trainer.num_nodes = nodes
+        if run.smoke:
+            trainer.fast_dev_run = True
+        if trainer.default_root_dir is None:
+            trainer.default_root_dir = str(self.job.root)
+
+    # -- the Trainer with our callbacks, logger and cluster environment ------------------------
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        assert self.job is not None and self.latch is not None
+        run: RunOptions = self._get(self.config_init, "run")
+        self.options = run
+        model: TaskModule = self.model
+        trainer_cfg: Namespace = self.config.trainer
+
+        monitor = run.monitor or model.monitor
+        mode = run.monitor_mode or model.monitor_mode
+        if trainer_cfg.limit_val_batches in (0, 0.0):
+            monitor = None  # nothing validated: keep last.ckpt only
+        self.checkpoint_callback = ModelCheckpoint(
+            dirpath=self.job.checkpoints,
+            filename="best-epoch{epoch:03d}-step{step}",
+            auto_insert_metric_name=False,
+            monitor=monitor,
+            mode=mode,
+            save_top_k=run.save_top_k if monitor else 0,
+            save_last=True,
+            # Always overwrite last.ckpt: the preemption callback writes the same file and
+            # ckpt_path="last" must find the newest state under one name.
+            enable_version_counter=False,
+        )
+        self.preemption_callback = PreemptionCallback(
+            self.latch, self.job.last_checkpoint, requeue=run.requeue
+        )
+        callbacks = list(self._get(self.config_init, "trainer.callbacks") or [])
+        callbacks += [self.preemption_callback, RngStateCallback(), self.history, self.checkpoint_callback]
+        kwargs["callbacks"] = callbacks
+
+        if trainer_cfg.logger is None or trainer_cfg.logger is True:
+            kwargs["logger"] = self._make_logger(run) or False
+
+        plugins = self._get(self.config_init, "trainer.plugins") or []
+        plugins = list(plugins) if isinstance(plugins, list | tuple) else [plugins]
+        if SLURMEnvironment.detect() and not any(isinstance(p, ClusterEnvironment) for p in plugins):
+            # Lightning's own requeue handler saves inside the signal handler; ours does not.
+            plugins.append(SLURMEnvironment(auto_requeue=False))
+            kwargs["plugins"] = plugins
+        return super().instantiate_trainer(**kwargs)
+
+    def _make_logger(self, run: RunOptions) -> Any:
+        assert self.job is not None
+        if rank_zero_only.rank != 0:
+            # Only rank 0 logs; other ranks skip the probe and get an inert logger.
+            self.target = tracking.TrackingTarget("offline", tracking.file_store_uri(self.job), "not rank 0")
+        else:
+            self.target = tracking.choose_target(self.job, run.tracking, run.tracking_uri, run.probe_timeout)
+            log.info("MLflow tracking: %s (%s)", self.target.mode, self.target.reason)
+        slurm = environment.slurm_facts()
+        tags = {
+            "hpctrain.job_dir": str(self.job.root),
+            "hpctrain.task": f"{type(self.model).__module__}.{type(self.model).__qualname__}",
+            "hpctrain.version": environment.versions().get("hpctrain") or "unknown",
+            **{
+                f"slurm.{k[6:].lower()}": v
+                for k, v in slurm.items()
+                if k in ("SLURM_JOB_ID", "SLURM_ARRAY_TASK_ID")
+            },
+            **run.tags,
+        }
+        sha = environment.git_sha()
+        if sha:
+            tags["mlflow.source.git.commit"] = sha
+        run_name = run.run_name or slurm.get("SLURM_JOB_ID")
+        return tracking.make_logger(self.target, run.experiment, run_name, tags)
