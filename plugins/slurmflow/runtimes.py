@@ -67,12 +67,45 @@ def _join(words: Sequence[str]) -> str:
     return " ".join(_q(w) for w in words)
 
 
+def _cat(*parts: str) -> Raw:
+    """One shell word from pieces: :class:`Raw` pieces as they are, runs of the others quoted."""
+    out: list[str] = []
+    plain = ""
+    for part in parts:
+        if isinstance(part, Raw):
+            out += [shlex.quote(plain)] if plain else []
+            out.append(part)
+            plain = ""
+        else:
+            plain += part
+    out += [shlex.quote(plain)] if plain else []
+    return Raw("".join(out))
+
+
+# A path may start with a variable the job script exports (``$SLURMFLOW_JOB_DIR/data``): the job
+# directory is only known when the Slurm layer renders the script.
+_VAR_PATH_RE = re.compile(r"^\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))(/.*)?$")
+
+
+def _pieces(path: str) -> list[str]:
+    """A path as :func:`_cat` pieces: the literal path, or ``"${VAR}"`` plus the literal rest."""
+    m = _VAR_PATH_RE.match(path)
+    if not m:
+        return [path]
+    return [Raw(f'"${{{m.group(1) or m.group(2)}}}"'), m.group(3) or ""]
+
+
+def _pw(path: str) -> Raw:
+    """A path as one shell word."""
+    return _cat(*_pieces(path))
+
+
 @dataclass(frozen=True)
 class Bind:
     """A host path made visible in the container.
 
-    :param src: absolute host path.
-    :param dst: absolute container path (default: same as ``src``, the HPC convention).
+    :param src: absolute host path, or one starting with a job variable (``$SLURMFLOW_JOB_DIR``).
+    :param dst: container path, same forms (default: same as ``src``, the HPC convention).
     :param readonly: mount read-only.
     """
 
@@ -105,8 +138,10 @@ class Bind:
 def _check_path(path: str | None, what: str) -> None:
     if path is None:
         return
-    if not PurePosixPath(path).is_absolute() or _BAD_PATH_CHARS.search(path):
-        raise ValueError(f"{what} {path!r} must be absolute and free of ':' ',' and newlines")
+    m = _VAR_PATH_RE.match(path)
+    literal = (m.group(3) or "") if m else path
+    if (not m and not PurePosixPath(path).is_absolute()) or _BAD_PATH_CHARS.search(literal):
+        raise ValueError(f"{what} {path!r} must be absolute (or $VAR[/...]) and free of ':' ',' and newlines")
 
 
 @dataclass(frozen=True)
@@ -321,7 +356,7 @@ _LOAD_ENV = (
 def _prologue(runtime: str, spec: ContainerSpec, ref: ImageRef, *, cache: bool, load_env: bool) -> list[str]:
     lines = [f"# slurmflow: {runtime} runs {ref.pinned()}", f"sf_image={shlex.quote(ref.pinned())}"]
     if cache:
-        root = shlex.quote(spec.cache_dir) if spec.cache_dir else f'"{DEFAULT_CACHE_DIR}"'
+        root = _pw(spec.cache_dir.rstrip("/")) if spec.cache_dir else f'"{DEFAULT_CACHE_DIR}"'
         lines.append(f"sf_cache={root}")
     if load_env:
         lines.extend(_LOAD_ENV)
@@ -333,8 +368,8 @@ def _cache_key(ref: ImageRef) -> str:
     return (ref.digest or "").replace(":", "-")
 
 
-def _auth_path(spec: ContainerSpec, name: str) -> str:
-    return shlex.quote(f"{spec.auth_dir.rstrip('/')}/{name}") if spec.auth_dir else ""
+def _auth_path(spec: ContainerSpec, name: str) -> Raw:
+    return _cat(*_pieces(spec.auth_dir.rstrip("/")), f"/{name}") if spec.auth_dir else Raw("")
 
 
 def _cached(
@@ -392,15 +427,20 @@ def _engine_pull(
     ]
 
 
+def _bind_spec(b: Bind, *, readonly: bool = True) -> list[str]:
+    """``src:dst[:ro]`` as word pieces (for :func:`_cat`)."""
+    return [*_pieces(b.src), ":", *_pieces(b.target), ":ro" if readonly and b.readonly else ""]
+
+
 def _engine_run_flags(spec: ContainerSpec) -> list[str]:
     """Flags docker, podman and podman-hpc share: mounts, workdir, environment."""
     words: list[str] = []
     for b in spec.binds:
-        words += ["-v", f"{b.src}:{b.target}" + (":ro" if b.readonly else "")]
+        words += ["-v", _cat(*_bind_spec(b))]
     if spec.workdir:
-        words += ["-w", spec.workdir]
+        words += ["-w", _pw(spec.workdir)]
     if spec.env_file:
-        words += ["--env-file", spec.env_file]
+        words += ["--env-file", _pw(spec.env_file)]
     for name in spec.pass_env:
         words += ["-e", name]  # value read from the client's environment, not from argv
     for name, value in spec.env.items():
@@ -419,7 +459,7 @@ def _command_tail(spec: ContainerSpec, image_word: str) -> list[str]:
 def _render_docker(spec: ContainerSpec) -> list[str]:
     ref = spec.pinned_image()
     lines = _prologue("docker", spec, ref, cache=False, load_env=False)
-    docker = ["docker", "--config", spec.auth_dir] if spec.auth_dir else ["docker"]
+    docker = ["docker", "--config", _pw(spec.auth_dir)] if spec.auth_dir else ["docker"]
     lines += _engine_pull(
         spec,
         'docker image inspect "$sf_image"',
@@ -462,7 +502,7 @@ def _render_podman(spec: ContainerSpec, *, hpc: bool = False) -> list[str]:
     if spec.insecure_registry:
         pull.append("--tls-verify=false")
     if spec.auth_dir:
-        pull += ["--authfile", f"{spec.auth_dir.rstrip('/')}/{DOCKER_CONFIG_FILE}"]
+        pull += ["--authfile", _auth_path(spec, DOCKER_CONFIG_FILE)]
     lines += _engine_pull(
         spec, f'{name} image exists "$sf_image"', _join(pull) + ' "$sf_image"', lock_kind=name, ref=ref
     )
@@ -487,7 +527,7 @@ def _mkdir_in_image(spec: ContainerSpec) -> list[str]:
     targets = sorted({b.target for b in spec.binds} | ({spec.workdir} if spec.workdir else set()))
     if not targets:
         return []
-    return ["mkdir -p " + " ".join('"$sf_img"' + shlex.quote(t) for t in targets)]
+    return ["mkdir -p " + " ".join('"$sf_img"' + _pw(t) for t in targets)]
 
 
 def _render_charliecloud(spec: ContainerSpec) -> list[str]:
@@ -524,13 +564,13 @@ def _render_charliecloud(spec: ContainerSpec) -> list[str]:
     lines += _mkdir_in_image(spec)
     words = ["ch-run", "--env-no-expand", "--set-env"]  # bare --set-env: the image's ENV (/ch/environment)
     if spec.env_file:
-        words.append(f"--set-env={spec.env_file}")
+        words.append(_cat("--set-env=", *_pieces(spec.env_file)))
     env = {"HOME": "/tmp", **spec.env}
     words += [f"--set-env={k}={v}" for k, v in env.items()]
     for b in spec.binds:
-        words.append(f"--bind={b.src}:{b.target}")  # ch-run has no read-only binds
+        words.append(_cat("--bind=", *_bind_spec(b, readonly=False)))  # ch-run has no read-only binds
     if spec.workdir:
-        words.append(f"--cd={spec.workdir}")
+        words.append(_cat("--cd=", *_pieces(spec.workdir)))
     words += [*spec.run_args, Raw('"$sf_img"'), "--", *spec.command]
     return [*lines, _run_line(spec, words)]
 
@@ -548,15 +588,15 @@ def _render_apptainer(spec: ContainerSpec, *, binary: str = "apptainer") -> list
     if spec.gpus:
         words.append("--nv")
     for b in spec.binds:
-        words += ["--bind", f"{b.src}:{b.target}" + (":ro" if b.readonly else "")]
+        words += ["--bind", _cat(*_bind_spec(b))]
     if spec.workdir:
-        words += ["--pwd", spec.workdir]
+        words += ["--pwd", _pw(spec.workdir)]
     words += _command_tail(spec, '"$sf_img"')
     # Apptainer passes the host environment in. Its own --env-file is *shell-parsed* and --env
     # splits on commas, so the env file is loaded literally by sf_load_env and explicit values go
     # through APPTAINERENV_* (which also win over the image's own values).
     prefix = "APPTAINERENV_" if binary == "apptainer" else "SINGULARITYENV_"
-    body = [f"sf_load_env {shlex.quote(spec.env_file)}"] if spec.env_file else []
+    body = [f"sf_load_env {_pw(spec.env_file)}"] if spec.env_file else []
     body += [f"export {prefix}{k}={shlex.quote(v)}" for k, v in spec.env.items()]
     return [*lines, *_subshell(body, words)]
 
@@ -576,7 +616,7 @@ def _render_enroot(spec: ContainerSpec) -> list[str]:
     lines = _prologue("enroot", spec, ref, cache=True, load_env=bool(spec.env_file))
     produce = []
     if spec.auth_dir:
-        produce.append(f"export ENROOT_CONFIG_PATH={shlex.quote(spec.auth_dir)}")  # reads .credentials
+        produce.append(f"export ENROOT_CONFIG_PATH={_pw(spec.auth_dir)}")  # reads .credentials
     if spec.insecure_registry:
         produce.append("export ENROOT_ALLOW_HTTP=yes")
     uri = f"docker://{ref.registry}#{ref.repository}@{ref.digest}"
@@ -584,17 +624,15 @@ def _render_enroot(spec: ContainerSpec) -> list[str]:
     lines += _cached(spec, "enroot", f'"$sf_cache/enroot/{_cache_key(ref)}.sqsh"', produce)
     words = [*launcher, Raw('--container-image="$sf_img"')]
     if spec.binds:
-        words.append(
-            "--container-mounts="
-            + ",".join(f"{b.src}:{b.target}" + (":ro" if b.readonly else "") for b in spec.binds)
-        )
+        pieces = [piece for b in spec.binds for piece in (",", *_bind_spec(b))][1:]
+        words.append(_cat("--container-mounts=", *pieces))
     if spec.workdir:
-        words.append(f"--container-workdir={spec.workdir}")
+        words.append(_cat("--container-workdir=", *_pieces(spec.workdir)))
     if spec.env or spec.pass_env:
         # Without --container-env, a variable the image also sets (HOME, PATH...) keeps the image's value.
         words.append("--container-env=" + ",".join(dict.fromkeys([*spec.pass_env, *spec.env])))
     words += [*spec.run_args, *spec.command]
-    body = [f"sf_load_env {shlex.quote(spec.env_file)}"] if spec.env_file else []
+    body = [f"sf_load_env {_pw(spec.env_file)}"] if spec.env_file else []
     body += [f"export {k}={shlex.quote(v)}" for k, v in spec.env.items()]
     return [*lines, *_subshell(body, words)]
 
@@ -608,12 +646,12 @@ def _render_none(spec: ContainerSpec) -> list[str]:
     lines = [f"# slurmflow: none runs the command in {spec.image_ref or 'the cluster Python on PATH'}"]
     if spec.env_file:
         lines += _LOAD_ENV
-    body = [f"sf_load_env {shlex.quote(spec.env_file)}"] if spec.env_file else []
+    body = [f"sf_load_env {_pw(spec.env_file)}"] if spec.env_file else []
     body += [f"export {k}={shlex.quote(v)}" for k, v in spec.env.items()]
     if spec.image_ref:
         body.append(f'PATH={shlex.quote(spec.image_ref.rstrip("/") + "/bin")}:"$PATH"; export PATH')
     if spec.workdir:
-        body.append(f"cd {shlex.quote(spec.workdir)} || exit 1")
+        body.append(f"cd {_pw(spec.workdir)} || exit 1")
     return [*lines, *_subshell(body, [*spec.launcher, *spec.command])]
 
 

@@ -62,6 +62,16 @@ CASES["none"] = (
     dict(env={"HPCTRAIN_LOG_LEVEL": "info"}, env_file=f"{JOB_DIR}/.env", workdir=JOB_DIR),
 )
 CASES["none-venv"] = ("none", dict(launcher=["srun"]))
+# How the Slurm layer calls it: the job directory is only known to the job script ($SLURMFLOW_JOB_DIR).
+JOB_VARS = dict(
+    binds=["$SLURMFLOW_JOB_DIR", "/datasets:/data:ro"],
+    workdir="$SLURMFLOW_JOB_DIR",
+    env_file="${SLURMFLOW_JOB_DIR}/.env",
+    pass_env=["SLURMFLOW_JOB_DIR", "HPCTRAIN_JOB_DIR"],
+)
+CASES["docker-job-vars"] = ("docker", JOB_VARS)
+CASES["charliecloud-job-vars"] = ("charliecloud", JOB_VARS)
+CASES["enroot-job-vars"] = ("enroot", JOB_VARS)
 
 
 def _render(case: str) -> str:

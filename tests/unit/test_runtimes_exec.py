@@ -175,3 +175,22 @@ def test_charliecloud_creates_bind_targets_in_the_image(fake: dict, tmp_path: Pa
     assert _run(text, fake).returncode == 0
     image_dir = tmp_path / "cache" / "charliecloud" / DIGEST.replace(":", "-")
     assert (image_dir / str(job).lstrip("/")).is_dir()
+
+
+def test_job_variables_in_paths_expand_in_the_job(fake: dict, tmp_path: Path) -> None:
+    job = tmp_path / "jobs" / "run 1"  # the Slurm layer exports it; a space must survive
+    text = container_command(
+        "charliecloud",
+        IMAGE,
+        ["true"],
+        cache_dir="$SCRATCH_IMAGES",
+        binds=["$SLURMFLOW_JOB_DIR"],
+        workdir="${SLURMFLOW_JOB_DIR}/work",
+        env_file="$SLURMFLOW_JOB_DIR/.env",
+    )
+    proc = _run(text, fake, SLURMFLOW_JOB_DIR=str(job), SCRATCH_IMAGES=str(tmp_path / "scratch"))
+    assert proc.returncode == 0, proc.stderr
+    image_dir = tmp_path / "scratch" / "charliecloud" / DIGEST.replace(":", "-")
+    assert (image_dir / str(job).lstrip("/") / "work").is_dir()
+    run = _calls(fake, "ch-run")[0]
+    assert f"--bind={job}:{job}" in run and f"--cd={job}/work" in run and f"--set-env={job}/.env" in run
