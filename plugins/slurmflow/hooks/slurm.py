@@ -1,0 +1,505 @@
+"""SlurmHook: the only code that talks to a Slurm login node (over the ssh provider's hooks).
+
+Blocking side (:class:`SlurmHook`) for operators and sensors, on ``SSHHook`` (paramiko, one
+cached connection, SFTP for files). Async side (:class:`SlurmAsyncHook`) for the triggerer's
+shared poller, on ``SSHHookAsync`` (asyncssh) with the same connection id. Both run argv lists
+built by :mod:`slurmflow.commands`, joined with ``shlex.quote``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import posixpath
+import selectors
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, Literal
+
+from airflow.providers.common.compat.sdk import BaseHook
+
+from slurmflow import commands
+from slurmflow.errors import (
+    SlurmCommandError,
+    SlurmConnectionError,
+    SlurmSubmitError,
+    SlurmTimeoutError,
+)
+from slurmflow.identity import ExistingJob, JobKey, decide, parse_job_name
+from slurmflow.logs import DEFAULT_TAIL_BYTES, LogChunk, LogRead, parse_read_logs, read_logs_command
+from slurmflow.parsing import split_job_id
+from slurmflow.sbatch import SbatchScript
+from slurmflow.status import (
+    CommandResult,
+    JobSnapshot,
+    ResolveOptions,
+    lookup_key,
+    resolve_states,
+    run_async,
+    run_sync,
+)
+
+#: sbatch errors that say "the controller did not answer", not "your job is wrong": the job
+#: may or may not exist, so look it up before trying again.
+_TRANSIENT_SBATCH = (
+    "Socket timed out",
+    "Unable to contact slurm controller",
+    "temporarily unable to accept job",
+    "Resource temporarily unavailable",
+    "Zero Bytes were transmitted",
+    "Connection refused",
+)
+_ALREADY_DONE = ("already completing or completed", "Job/step already", "Invalid job id specified")
+
+
+@dataclass(frozen=True)
+class SubmitOutcome:
+    """What :meth:`SlurmHook.submit` did.
+
+    :param job_id: the job (array) id now owned by the task.
+    :param action: ``submitted`` (new job), ``attached`` (live job found) or ``reused``
+        (a COMPLETED job of the same generation).
+    :param cancelled: jobs of an earlier generation that were scancelled first.
+    :param reason: one line for the task log.
+    """
+
+    job_id: str
+    action: Literal["submitted", "attached", "reused"]
+    cancelled: tuple[str, ...] = ()
+    reason: str = ""
+
+
+class SlurmHook(BaseHook):
+    """Submit, query and cancel Slurm jobs through a login node reached over SSH.
+
+    The connection is an ordinary ``ssh`` connection (host, port, login, extra ``key_file``...);
+    its optional extra ``job_root`` sets where per-run job directories go (default
+    ``$HOME/slurmflow-jobs`` on the cluster).
+
+    :param slurm_conn_id: the SSH connection of the login node.
+    :param cmd_timeout: seconds one remote command may take.
+    :param conn_timeout: seconds to establish the SSH connection.
+    :param conn_retry_attempts: connection attempts before giving up (SSHHook's retry).
+    :param job_root: overrides the connection's ``job_root``.
+    :param submit_attempts: sbatch attempts after ambiguous failures (each preceded by a lookup).
+    :param lookup_since: how far back sacct looks for a task's earlier jobs.
+    """
+
+    conn_name_attr = "slurm_conn_id"
+    default_conn_name = "slurm_default"
+    conn_type = "ssh"
+    hook_name = "Slurm (SSH)"
+
+    def __init__(
+        self,
+        slurm_conn_id: str = default_conn_name,
+        *,
+        cmd_timeout: float = 120.0,
+        conn_timeout: int | None = None,
+        conn_retry_attempts: int = 2,
+        job_root: str | None = None,
+        submit_attempts: int = 3,
+        lookup_since: str = "now-30days",
+    ) -> None:
+        super().__init__()
+        self.slurm_conn_id = slurm_conn_id
+        self.cmd_timeout = cmd_timeout
+        self.conn_timeout = conn_timeout
+        self.conn_retry_attempts = conn_retry_attempts
+        self._job_root = job_root
+        self.submit_attempts = max(1, submit_attempts)
+        self.lookup_since = lookup_since
+        self.accounting = True
+        #: Commands run, by tool (argv[0]): what the benchmark and tests count.
+        self.command_counts: Counter[str] = Counter()
+
+    # --- connection -----------------------------------------------------------------------
+
+    @cached_property
+    def ssh_hook(self) -> Any:
+        from airflow.providers.ssh.hooks.ssh import SSHHook
+
+        return SSHHook(
+            ssh_conn_id=self.slurm_conn_id,
+            conn_timeout=self.conn_timeout,
+            cmd_timeout=self.cmd_timeout,
+            conn_retry_attempts=self.conn_retry_attempts,
+        )
+
+    @property
+    def address(self) -> str:
+        try:
+            return f"{self.ssh_hook.username}@{self.ssh_hook.remote_host}:{self.ssh_hook.port}"
+        except Exception:
+            return self.slurm_conn_id
+
+    def _client(self) -> Any:
+        try:
+            return self.ssh_hook.get_conn()
+        except Exception as exc:
+            raise SlurmConnectionError(
+                f"cannot connect to the Slurm login node {self.address} (connection {self.slurm_conn_id!r}): "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+
+    def _drop_connection(self) -> None:
+        client = getattr(self.ssh_hook, "client", None)
+        self.ssh_hook.client = None
+        if client is not None:
+            try:
+                client.close()
+            except Exception:
+                self.log.debug("closing a broken SSH client failed", exc_info=True)
+
+    def close(self) -> None:
+        """Close the cached SSH connection."""
+        if "ssh_hook" in self.__dict__:
+            self._drop_connection()
+
+    def exec_bytes(self, command: str, timeout: float | None = None) -> tuple[int, bytes, bytes]:
+        """Run a shell command string on the login node; return ``(exit, stdout, stderr)``.
+
+        :raises SlurmConnectionError: connecting failed or the connection dropped.
+        :raises SlurmTimeoutError: the command ran longer than ``timeout``.
+        """
+        limit = self.cmd_timeout if timeout is None else timeout
+        client = self._client()
+        try:
+            transport = client.get_transport()
+            channel = transport.open_session(timeout=self.conn_timeout or 30)
+            channel.exec_command(command)
+            channel.shutdown_write()
+            out, err = io.BytesIO(), io.BytesIO()
+            deadline = time.monotonic() + limit
+            with selectors.DefaultSelector() as selector:
+                selector.register(channel, selectors.EVENT_READ)
+                while True:
+                    while channel.recv_ready():
+                        out.write(channel.recv(1 << 16))
+                    while channel.recv_stderr_ready():
+                        err.write(channel.recv_stderr(1 << 16))
+                    if channel.exit_status_ready() and not channel.recv_ready() and not channel.recv_stderr_ready():
+                        break
+                    if channel.closed and not channel.exit_status_ready():
+                        raise EOFError("channel closed before the command finished")
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        channel.close()
+                        raise SlurmTimeoutError(
+                            f"command on {self.address} did not finish within {limit:.0f}s: {command[:200]}"
+                        )
+                    selector.select(min(remaining, 1.0))
+            status = channel.recv_exit_status()
+            channel.close()
+            return status, out.getvalue(), err.getvalue()
+        except SlurmTimeoutError:
+            raise
+        except (TimeoutError, OSError, EOFError, Exception) as exc:
+            if isinstance(exc, SlurmConnectionError):
+                raise
+            self._drop_connection()
+            raise SlurmConnectionError(
+                f"connection to {self.address} failed while running a command: {type(exc).__name__}: {exc}"
+            ) from exc
+
+    def run(self, argv: Sequence[str] | str, timeout: float | None = None) -> CommandResult:
+        """Run an argv (quoted with :func:`slurmflow.commands.to_shell`) or a prepared command."""
+        if isinstance(argv, str):
+            command, tool = argv, argv.split(" ", 1)[0]
+        else:
+            command, tool = commands.to_shell(argv), str(argv[0])
+        self.command_counts[tool] += 1
+        status, out, err = self.exec_bytes(command, timeout=timeout)
+        return CommandResult(status, out.decode("utf-8", "replace"), err.decode("utf-8", "replace"))
+
+    def check(self, argv: Sequence[str], timeout: float | None = None) -> str:
+        """Run and return stdout; a non-zero exit raises :class:`SlurmCommandError`."""
+        result = self.run(argv, timeout=timeout)
+        if result.exit_code != 0:
+            raise SlurmCommandError(str(argv[0]), result.exit_code, result.stderr or result.stdout)
+        return result.stdout
+
+    # --- files ------------------------------------------------------------------------------
+
+    @cached_property
+    def home(self) -> str:
+        home = self.check(commands.home_dir()).strip()
+        if not home.startswith("/"):
+            raise SlurmCommandError("printenv", 0, f"HOME on the login node is {home!r}, not a path")
+        return home
+
+    @property
+    def job_root(self) -> str:
+        """Where job directories go: argument, connection extra ``job_root``, or ``$HOME/slurmflow-jobs``."""
+        root = self._job_root
+        if not root:
+            try:
+                root = self.get_connection(self.slurm_conn_id).extra_dejson.get("job_root")
+            except Exception:
+                root = None
+        root = root or "~/slurmflow-jobs"
+        if root == "~" or root.startswith("~/"):
+            root = self.home + root[1:]
+        if not root.startswith("/"):
+            root = posixpath.join(self.home, root)
+        return posixpath.normpath(root)
+
+    def make_dirs(self, paths: Sequence[str]) -> None:
+        self.check(commands.mkdir(*paths))
+
+    def upload(self, path: str, content: str | bytes, mode: int = 0o644) -> None:
+        """Write a file over SFTP; the mode is set *before* any content is written."""
+        data = content.encode() if isinstance(content, str) else content
+        client = self._client()
+        try:
+            with client.open_sftp() as sftp:
+                with sftp.open(path, "w") as handle:
+                    handle.chmod(mode)
+                    handle.write(data)
+        except Exception as exc:
+            self._drop_connection()
+            raise SlurmConnectionError(f"SFTP upload of {path} to {self.address} failed: {exc}") from exc
+
+    def remove(self, path: str) -> None:
+        self.run(["rm", "-f", "--", path])
+
+    # --- jobs -------------------------------------------------------------------------------
+
+    def get_states(self, job_ids: Sequence[str], expected_tasks: dict[str, int] | None = None) -> dict[str, JobSnapshot]:
+        """State of each job: one squeue, plus one sacct when some finished (see :mod:`slurmflow.status`)."""
+        options = ResolveOptions(accounting=self.accounting, expected_tasks=expected_tasks or {})
+        result = run_sync(resolve_states(job_ids, options), self.run)
+        self.accounting = options.accounting
+        return result
+
+    def find_jobs(self, key: JobKey, generation: int) -> dict[str, JobSnapshot]:
+        """Every job of ``key`` (this and earlier generations) that squeue or sacct knows."""
+        names = key.candidate_names(generation)
+        return run_sync(lookup_key(names, since=self.lookup_since, accounting=self.accounting), self.run)
+
+    def cancel(self, job_ids: Sequence[str], signal: str | None = None) -> None:
+        """``scancel``; cancelling a job that already ended is not an error."""
+        if not job_ids:
+            return
+        result = self.run(commands.scancel(job_ids, signal=signal))
+        if result.exit_code != 0 and not any(m in result.stderr for m in _ALREADY_DONE):
+            raise SlurmCommandError("scancel", result.exit_code, result.stderr)
+
+    def test_only(self, script_path: str) -> str:
+        """``sbatch --test-only``: Slurm's verdict on partition/account/QOS/GRES without submitting.
+
+        :return: Slurm's message (e.g. ``Job 12 to start at ... on nodes x in partition debug``).
+        :raises SlurmSubmitError: the job would be rejected.
+        """
+        result = self.run(commands.sbatch_test_only(script_path))
+        message = (result.stderr or result.stdout).strip()
+        if result.exit_code != 0:
+            raise SlurmSubmitError("sbatch --test-only", result.exit_code, message)
+        return message
+
+    def read_logs(self, reads: Sequence[LogRead]) -> list[LogChunk]:
+        """Read many log files from offsets in one command (no Slurm RPC)."""
+        if not reads:
+            return []
+        command, boundary = read_logs_command(reads)
+        self.command_counts["sh"] += 1
+        status, out, err = self.exec_bytes(command)
+        if status != 0:
+            raise SlurmCommandError("log read", status, err.decode("utf-8", "replace"))
+        return parse_read_logs(reads, out, boundary)
+
+    def tail(self, path: str, nbytes: int = DEFAULT_TAIL_BYTES) -> bytes:
+        return self.read_logs([LogRead(path, -1, nbytes)])[0].data
+
+    def stage(self, script: SbatchScript, script_text: str, secrets_text: str | None) -> None:
+        """Create the job directory and upload the script (and the mode-600 secrets file)."""
+        self.make_dirs(script.directories)
+        if script.secrets_path and secrets_text is not None:
+            self.upload(script.secrets_path, secrets_text, mode=0o600)
+        self.upload(script.script_path, script_text, mode=0o700)
+
+    def submit(
+        self,
+        key: JobKey,
+        generation: int,
+        script: SbatchScript,
+        script_text: str,
+        secrets_text: str | None = None,
+        *,
+        retry_wait: float = 3.0,
+    ) -> SubmitOutcome:
+        """Submit exactly once for ``(key, generation)``.
+
+        1. Look the key up (squeue + sacct by job name) and :func:`slurmflow.identity.decide`:
+           attach to a live job, reuse a COMPLETED one, or submit (cancelling live jobs of an
+           earlier generation first).
+        2. Submit under ``flock``, re-checking squeue for a live job of the same name.
+        3. After an ambiguous failure (timeout, dropped connection, controller not answering),
+           look the key up again before trying again: a job that appeared is ours.
+
+        :raises SlurmSubmitError: sbatch rejected the job (no retry can help).
+        :raises SlurmConnectionError: the login node stayed unreachable.
+        """
+        found = self.find_jobs(key, generation)
+        decision = decide(generation, self._existing(found))
+        self.log.info("Slurm exactly-once check for %s: %s", key.job_name(generation), decision.reason)
+        if decision.cancel:
+            self.log.warning("Cancelling jobs of an earlier clear of this task: %s", ", ".join(decision.cancel))
+            self.cancel(decision.cancel)
+        if decision.action == "attach":
+            return SubmitOutcome(decision.job_id or "", "attached", decision.cancel, decision.reason)
+        if decision.action == "reuse":
+            return SubmitOutcome(decision.job_id or "", "reused", decision.cancel, decision.reason)
+
+        known = set(found)
+        last_error: Exception | None = None
+        for attempt in range(1, self.submit_attempts + 1):
+            if attempt > 1:
+                # An unclear failure: did the previous attempt create the job after all?
+                time.sleep(retry_wait * (attempt - 1))
+                try:
+                    again = self.find_jobs(key, generation)
+                except (SlurmConnectionError, SlurmCommandError) as exc:
+                    last_error = exc
+                    self.log.warning("Lookup after a failed submission failed too: %s", exc)
+                    continue
+                new = [j for j in again if j not in known and parse_job_name(again[j].name)]
+                if new:
+                    job_id = max(new, key=int)
+                    self.log.info("Job %s was submitted despite the error; attaching to it", job_id)
+                    return SubmitOutcome(job_id, "attached", decision.cancel, "found after an unclear sbatch failure")
+            try:
+                self.stage(script, script_text, secrets_text)
+                result = self.run(commands.submit_once(script.job_dir, script.script_path, script.job_name))
+            except SlurmConnectionError as exc:
+                last_error = exc
+                self.log.warning("Submission attempt %d/%d failed: %s", attempt, self.submit_attempts, exc)
+                continue
+            if result.exit_code == 0:
+                job_id, existed = commands.parse_submit_once(result.stdout)
+                action: Literal["submitted", "attached"] = "attached" if existed else "submitted"
+                self.log.info("Slurm job %s %s (%s)", job_id, action, script.job_name)
+                return SubmitOutcome(job_id, action, decision.cancel, decision.reason)
+            message = (result.stderr or result.stdout).strip()
+            if any(m in message for m in _TRANSIENT_SBATCH):
+                last_error = SlurmCommandError("sbatch", result.exit_code, message)
+                self.log.warning("sbatch attempt %d/%d: controller busy: %s", attempt, self.submit_attempts, message)
+                continue
+            raise SlurmSubmitError("sbatch", result.exit_code, message or "no message")
+        raise SlurmConnectionError(
+            f"could not submit {script.job_name} after {self.submit_attempts} attempts: {last_error}"
+        )
+
+    @staticmethod
+    def _existing(found: dict[str, JobSnapshot]) -> list[ExistingJob]:
+        jobs = []
+        for job_id, snap in found.items():
+            parsed = parse_job_name(snap.name)
+            if parsed is not None:
+                jobs.append(ExistingJob(job_id, parsed[1], snap.state.state))
+        return jobs
+
+
+class SlurmAsyncHook(BaseHook):
+    """The async side: one asyncssh connection to the login node, reused for every command.
+
+    Built on the ssh provider's ``SSHHookAsync`` (same connection id and extras); used by the
+    triggerer's shared poller.
+
+    :param slurm_conn_id: the SSH connection of the login node.
+    :param cmd_timeout: seconds one remote command may take.
+    :param conn_timeout: seconds to establish the connection (asyncssh has no default limit).
+    """
+
+    conn_name_attr = "slurm_conn_id"
+    default_conn_name = "slurm_default"
+    conn_type = "ssh"
+    hook_name = "Slurm (SSH, async)"
+
+    def __init__(self, slurm_conn_id: str = default_conn_name, *, cmd_timeout: float = 60.0, conn_timeout: float = 20.0):
+        super().__init__()
+        self.slurm_conn_id = slurm_conn_id
+        self.cmd_timeout = cmd_timeout
+        self.conn_timeout = conn_timeout
+        self._conn: Any = None
+        self._lock = asyncio.Lock()
+        self.command_counts: Counter[str] = Counter()
+        self.connects = 0
+
+    @cached_property
+    def ssh_hook(self) -> Any:
+        from airflow.providers.ssh.hooks.ssh import SSHHookAsync
+
+        return SSHHookAsync(ssh_conn_id=self.slurm_conn_id)
+
+    async def _connection(self) -> Any:
+        async with self._lock:
+            if self._conn is not None and not self._conn.is_closed():
+                return self._conn
+            try:
+                self._conn = await asyncio.wait_for(self.ssh_hook.get_conn(), timeout=self.conn_timeout)
+            except Exception as exc:
+                self._conn = None
+                raise SlurmConnectionError(
+                    f"cannot connect to the Slurm login node (connection {self.slurm_conn_id!r}): "
+                    f"{type(exc).__name__}: {exc or 'timed out'}"
+                ) from exc
+            self.connects += 1
+            return self._conn
+
+    async def exec_bytes(self, command: str, timeout: float | None = None) -> tuple[int, bytes, bytes]:
+        """Run a shell command string; ``(exit, stdout, stderr)`` as bytes.
+
+        :raises SlurmConnectionError: connecting failed or the connection dropped.
+        :raises SlurmTimeoutError: the command ran too long.
+        """
+        conn = await self._connection()
+        limit = self.cmd_timeout if timeout is None else timeout
+        try:
+            result = await asyncio.wait_for(conn.run(command, check=False, encoding=None), timeout=limit)
+        except TimeoutError as exc:
+            raise SlurmTimeoutError(f"command did not finish within {limit:.0f}s: {command[:200]}") from exc
+        except Exception as exc:
+            await self.close()
+            raise SlurmConnectionError(
+                f"connection {self.slurm_conn_id!r} failed while running a command: {type(exc).__name__}: {exc}"
+            ) from exc
+        status = result.exit_status if result.exit_status is not None else 255
+        return status, result.stdout or b"", result.stderr or b""
+
+    async def run(self, argv: Sequence[str]) -> CommandResult:
+        self.command_counts[str(argv[0])] += 1
+        status, out, err = await self.exec_bytes(commands.to_shell(argv))
+        return CommandResult(status, out.decode("utf-8", "replace"), err.decode("utf-8", "replace"))
+
+    async def get_states(self, job_ids: Sequence[str], options: ResolveOptions) -> dict[str, JobSnapshot]:
+        return await run_async(resolve_states(job_ids, options), self.run)
+
+    async def read_logs(self, reads: Sequence[LogRead]) -> list[LogChunk]:
+        if not reads:
+            return []
+        command, boundary = read_logs_command(reads)
+        self.command_counts["sh"] += 1
+        status, out, err = await self.exec_bytes(command)
+        if status != 0:
+            raise SlurmCommandError("log read", status, err.decode("utf-8", "replace"))
+        return parse_read_logs(reads, out, boundary)
+
+    async def cancel(self, job_ids: Sequence[str]) -> None:
+        for job_id in job_ids:
+            split_job_id(job_id)
+        result = await self.run(commands.scancel(job_ids))
+        if result.exit_code != 0 and not any(m in result.stderr for m in _ALREADY_DONE):
+            raise SlurmCommandError("scancel", result.exit_code, result.stderr)
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
+                await asyncio.wait_for(conn.wait_closed(), timeout=5)
+            except Exception:
+                self.log.debug("closing the asyncssh connection failed", exc_info=True)

@@ -1,0 +1,36 @@
+"""Operator extra link: the Slurm job's page, when the site has one (Open OnDemand, a portal).
+
+Airflow 3 evaluates extra links on the worker when the task finishes and stores the URL in
+XCom; the link reads the ``url`` the operator recorded in its ``slurm_job`` XCom, built from
+the connection extra ``job_url_template`` (e.g.
+``https://ondemand.example.org/pun/sys/dashboard/activejobs?jobid={job_id}``). Without a
+template the button stays disabled; the job id is always in the ``slurm_job`` XCom.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from airflow.providers.common.compat.sdk import BaseOperatorLink, XCom
+
+
+class SlurmJobLink(BaseOperatorLink):
+    """Link to the Slurm job of a ``SlurmSubmitJobOperator`` task."""
+
+    name = "Slurm job"
+
+    def get_link(self, operator: Any, *, ti_key: Any) -> str:
+        record = XCom.get_value(ti_key=ti_key, key="slurm_job")
+        if isinstance(record, dict):
+            return str(record.get("url") or "")
+        return ""
+
+
+def job_url(template: str | None, job_id: str, cluster: str = "") -> str:
+    """Fill a ``job_url_template`` (``{job_id}``, ``{cluster}``); empty without a template."""
+    if not template:
+        return ""
+    try:
+        return template.format(job_id=job_id, cluster=cluster)
+    except (KeyError, IndexError, ValueError):
+        return ""

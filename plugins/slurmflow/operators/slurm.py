@@ -1,0 +1,423 @@
+"""SlurmSubmitJobOperator: submit one sbatch job (or job array) exactly once and wait for it."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Collection, Mapping, Sequence
+from datetime import timedelta
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+from airflow.providers.common.compat.sdk import AirflowException, AirflowFailException, BaseOperator
+
+from slurmflow.errors import SlurmError, SlurmSubmitError
+from slurmflow.hooks.slurm import SlurmHook
+from slurmflow.identity import JobKey, generation_of
+from slurmflow.links import SlurmJobLink, job_url
+from slurmflow.operators.outcome import (
+    DEFAULT_RETRY_STATES,
+    normalize_states,
+    raise_for_failure,
+    result_dict,
+)
+from slurmflow.operators.waiting import BlockingWaiter
+from slurmflow.parsing import SlurmParseError, expand_array_indices
+from slurmflow.sbatch import (
+    DEFAULT_TEMPLATE,
+    SbatchOptionError,
+    SbatchScript,
+    build_script,
+    expand_log_path,
+    render_script,
+    render_secrets_file,
+)
+from slurmflow.status import JobSnapshot
+from slurmflow.triggers.slurm import SlurmJobTrigger
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+#: XCom key of the job record pushed right after submission (job id, directory, log path).
+XCOM_JOB_KEY = "slurm_job"
+
+
+class SlurmSubmitJobOperator(BaseOperator):
+    """Submit a Slurm batch job over SSH and wait for it, without holding a worker slot.
+
+    The script is rendered from ``include/sbatch/job.sh.j2`` (see :mod:`slurmflow.sbatch`) and is
+    visible before submission: it is the templated field ``sbatch_script`` (Airflow's
+    *Rendered Template* view) and :meth:`dry_run` prints it.
+
+    **Exactly once.** The job name carries a deterministic key of the task instance
+    (dag_id, run_id, task_id, map_index) and a *generation*. Before ``sbatch`` the operator
+    looks the key up (squeue + sacct); after an unclear failure (timeout, dropped connection)
+    it looks again before retrying. A retried or restarted task re-attaches to its live job,
+    reuses its job's result if that job COMPLETED, and submits anew only when the earlier job
+    failed or was cancelled.
+
+    **Manual clear means "run again".** Clearing a task in the UI starts a new generation
+    (Airflow raises the cleared task's ``max_tries``; ``max_tries - retries`` counts clears).
+    A cleared task whose job is still running gets that job scancelled (by the trigger's
+    ``on_kill``, or by the new try if the triggerer could not), and a fresh job is submitted
+    into a fresh job directory, even if the earlier job had completed. Automatic retries,
+    worker crashes and triggerer restarts stay in the same generation and re-attach.
+
+    **Cancel means cancel.** Killing the task, marking it failed or success, or clearing it
+    while its job runs scancels the job: ``on_kill`` in blocking mode; in deferrable mode the
+    trigger's ``on_kill`` (Airflow 3.3 calls it on those user actions), after checking that the
+    task instance really left the deferred state.
+
+    :param command: shell fragment the job runs (e.g. ``slurmflow.runtimes.container_command(...)``);
+        inserted verbatim, so quote its values (templated).
+    :param sbatch_options: sbatch options such as ``partition``, ``account``, ``qos``, ``nodes``,
+        ``ntasks_per_node``, ``gpus``, ``gres``, ``cpus_per_task``, ``mem``, ``time``,
+        ``array`` (``"0-9%2"``), ``signal`` (``"B:USR2@120"``), ``requeue``, ``output``,
+        ``error``, ``chdir``; unknown options fail with the list of valid ones (templated).
+    :param environment: environment variables for the job, written (quoted) into the script (templated).
+    :param secret_environment: environment variables written to a mode-600 file in the job
+        directory that the script sources; never in the script, argv or logs (templated; values
+        are masked in Airflow's logs and rendered fields).
+    :param setup: shell lines run before the command (``module load ...``) (templated).
+    :param slurm_conn_id: SSH connection of the login node.
+    :param job_root: directory on the cluster under which per-run job directories are created
+        (default: connection extra ``job_root``, else ``$HOME/slurmflow-jobs``) (templated).
+    :param deferrable: wait in the triggerer (default) or, if False, on the worker.
+    :param poll_interval: fastest poll interval, seconds.
+    :param max_poll_interval: slowest poll interval while nothing changes, seconds.
+    :param job_timeout: how long to wait for the job; then it is scancelled and the task fails.
+        Defaults to ``execution_timeout`` (which Airflow does not apply to deferred waits).
+    :param retry_states: Slurm end states that raise ``AirflowException`` (Airflow may retry);
+        every other failure raises ``AirflowFailException``. Default: NODE_FAIL, BOOT_FAIL, PREEMPTED.
+    :param cancel_array_on_failure: scancel the remaining array tasks as soon as one fails.
+    :param stream_logs: copy new job output lines into the task log while the job runs.
+    :param log_tail_lines: lines of the job log included in a failure.
+    :param preflight: run ``sbatch --test-only`` before submitting (validates partition, account,
+        QOS, GRES against the cluster); a rejection fails the task without retries.
+    :param template: sbatch template file name; ``template_dir``: its directory.
+    :param cleanup_secrets: delete the secrets file once the job has ended.
+    :param missing_grace: seconds a job may be unknown to Slurm before the task fails.
+
+    XCom: ``slurm_job`` (pushed at submission: ``job_id``, ``job_name``, ``job_dir``,
+    ``log_path``, ``script_path``, ``action``, ``generation``, ``cluster``) and the return value
+    (the result dict: the above plus ``state``, ``reason``, ``exit_code``, ``signal``,
+    ``restarts``, ``elapsed``, ``elapsed_seconds``, ``node_list``, ``start``, ``end``, ``array``).
+    """
+
+    template_fields: Sequence[str] = (
+        "command",
+        "setup",
+        "sbatch_options",
+        "environment",
+        "secret_environment",
+        "job_root",
+        "slurm_conn_id",
+        "sbatch_script",
+    )
+    template_fields_renderers = {
+        "command": "bash",
+        "setup": "bash",
+        "sbatch_script": "bash",
+        "sbatch_options": "json",
+        "environment": "json",
+    }
+    ui_color = "#dbe9f6"
+    operator_extra_links = (SlurmJobLink(),)
+
+    def __init__(
+        self,
+        *,
+        command: str,
+        sbatch_options: Mapping[str, Any] | None = None,
+        environment: Mapping[str, Any] | None = None,
+        secret_environment: Mapping[str, Any] | None = None,
+        setup: str = "",
+        slurm_conn_id: str = "slurm_default",
+        job_root: str | None = None,
+        deferrable: bool = True,
+        poll_interval: float = 2.0,
+        max_poll_interval: float = 60.0,
+        job_timeout: timedelta | float | None = None,
+        retry_states: Collection[str] = DEFAULT_RETRY_STATES,
+        cancel_array_on_failure: bool = False,
+        stream_logs: bool = True,
+        log_tail_lines: int = 50,
+        preflight: bool = False,
+        template: str = DEFAULT_TEMPLATE,
+        template_dir: str | None = None,
+        cleanup_secrets: bool = True,
+        missing_grace: float = 120.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.command = command
+        self.sbatch_options = dict(sbatch_options or {})
+        self.environment = dict(environment or {})
+        self.secret_environment = dict(secret_environment or {})
+        self.setup = setup
+        self.slurm_conn_id = slurm_conn_id
+        self.job_root = job_root
+        self.deferrable = deferrable
+        self.poll_interval = poll_interval
+        self.max_poll_interval = max_poll_interval
+        self.job_timeout = job_timeout
+        self.retry_states = normalize_states(retry_states)
+        self.cancel_array_on_failure = cancel_array_on_failure
+        self.stream_logs = stream_logs
+        self.log_tail_lines = log_tail_lines
+        self.preflight = preflight
+        self.template = template
+        self.template_dir = template_dir
+        self.cleanup_secrets = cleanup_secrets
+        self.missing_grace = missing_grace
+        #: The rendered sbatch script (filled in when templates are rendered, before execute).
+        self.sbatch_script = ""
+        self._script: SbatchScript | None = None
+        self._key: JobKey | None = None
+        self._generation = 0
+        self._job_id: str | None = None
+
+    @cached_property
+    def hook(self) -> SlurmHook:
+        return SlurmHook(self.slurm_conn_id, job_root=self.job_root)
+
+    # --- rendering ----------------------------------------------------------------------------
+
+    def render_template_fields(self, context: Context, jinja_env: Any = None) -> None:
+        """Render templates, then the sbatch script itself (so it shows as a rendered field)."""
+        # Cleared first: a script rendered earlier (bash full of "${...}") is no Jinja template.
+        self.sbatch_script = ""
+        super().render_template_fields(context, jinja_env)
+        self._mask_secrets()
+        self._prepare(context)
+
+    def _mask_secrets(self) -> None:
+        try:
+            from airflow.sdk.log import mask_secret
+        except ImportError:  # pragma: no cover - older SDKs
+            return
+        for name, value in self.secret_environment.items():
+            if value not in (None, ""):
+                mask_secret(str(value), name)
+
+    def _prepare(self, context: Context) -> SbatchScript:
+        ti = context["ti"]
+        map_index = getattr(ti, "map_index", -1)
+        self._key = JobKey(ti.dag_id, ti.run_id, ti.task_id, -1 if map_index is None else int(map_index))
+        self._generation = generation_of(getattr(ti, "max_tries", 0), self.retries)
+        job_dir = self._key.job_dir(self.hook.job_root, self._generation)
+        self._script = self.build(job_dir, self._key.job_name(self._generation), self._key.comment(self._generation))
+        self.sbatch_script = render_script(self._script, template=self.template, template_dir=self.template_dir)
+        return self._script
+
+    def build(self, job_dir: str, job_name: str, comment: str = "") -> SbatchScript:
+        """Validate this operator's inputs into an :class:`~slurmflow.sbatch.SbatchScript`.
+
+        :raises AirflowFailException: an option, value or variable name is invalid.
+        """
+        try:
+            return build_script(
+                command=self.command,
+                job_name=job_name,
+                job_dir=job_dir,
+                options=self.sbatch_options,
+                environment=self.environment,
+                secret_environment=self.secret_environment,
+                comment=comment,
+                setup=self.setup,
+            )
+        except SbatchOptionError as exc:
+            raise AirflowFailException(f"invalid Slurm job definition for task {self.task_id}: {exc}") from exc
+
+    def dry_run(self) -> None:
+        """Print the sbatch script this task would submit (with a placeholder job key)."""
+        key = JobKey(self.dag_id, "dry_run", self.task_id)
+        script = self.build(key.job_dir(self.job_root or "/JOB_ROOT", 0), key.job_name(0), key.comment(0))
+        text = render_script(script, template=self.template, template_dir=self.template_dir)
+        self.log.info("sbatch script for %s:\n%s", self.task_id, text)
+
+    # --- execution ----------------------------------------------------------------------------
+
+    def execute(self, context: Context) -> dict[str, Any] | None:
+        script = self._script or self._prepare(context)
+        assert self._key is not None
+        secrets_text = render_secrets_file(self.secret_environment) if script.secret_names else None
+        try:
+            if self.preflight:
+                self.hook.stage(script, self.sbatch_script, secrets_text)
+                self.log.info("Pre-flight (sbatch --test-only): %s", self.hook.test_only(script.script_path))
+            outcome = self.hook.submit(self._key, self._generation, script, self.sbatch_script, secrets_text)
+        except SlurmSubmitError as exc:
+            raise AirflowFailException(f"Slurm rejected job {script.job_name}: {exc}") from exc
+        except (SlurmError, SlurmParseError) as exc:
+            raise AirflowException(f"could not submit Slurm job {script.job_name}: {exc}") from exc
+
+        self._job_id = outcome.job_id
+        job = self._job_record(script, outcome.job_id, outcome.action)
+        self.log.info("Slurm job %s (%s): %s; job dir %s", outcome.job_id, outcome.action, outcome.reason, script.job_dir)
+        context["ti"].xcom_push(key=XCOM_JOB_KEY, value=job)
+
+        if outcome.action == "reused":
+            snap = self.hook.get_states([outcome.job_id])[outcome.job_id]
+            self.log.info("Reusing the result of COMPLETED job %s", outcome.job_id)
+            return self._finish(snap, job, tail="")
+
+        if self.deferrable:
+            self.defer(trigger=self._trigger(job), method_name="execute_complete", kwargs={"job": job})
+        return self._wait_blocking(job)
+
+    def _job_record(self, script: SbatchScript, job_id: str, action: str) -> dict[str, Any]:
+        tasks = expand_array_indices(script.options["array"]) if script.is_array else []
+        user = str(getattr(self.hook.ssh_hook, "username", "") or "")
+        first_log = expand_log_path(script.output_pattern, job_id, tasks[0] if tasks else None, user=user,
+                                    job_name=script.job_name)
+        return {
+            "job_id": job_id,
+            "job_name": script.job_name,
+            "job_dir": script.job_dir,
+            "script_path": script.script_path,
+            "log_path": first_log or "",
+            "log_pattern": script.output_pattern,
+            "secrets_path": script.secrets_path,
+            "array_tasks": len(tasks) or None,
+            "user": user,
+            "action": action,
+            "generation": self._generation,
+            "cluster": self.slurm_conn_id,
+            "deadline": self._deadline(),
+            "url": job_url(self._url_template(), job_id, self.slurm_conn_id),
+        }
+
+    def _url_template(self) -> str | None:
+        try:
+            return self.hook.get_connection(self.slurm_conn_id).extra_dejson.get("job_url_template")
+        except Exception:
+            return None
+
+    def _deadline(self) -> float | None:
+        limit = self.job_timeout if self.job_timeout is not None else self.execution_timeout
+        if limit is None:
+            return None
+        seconds = limit.total_seconds() if isinstance(limit, timedelta) else float(limit)
+        return time.time() + seconds
+
+    def _trigger(self, job: Mapping[str, Any]) -> SlurmJobTrigger:
+        return SlurmJobTrigger(
+            job_id=job["job_id"],
+            slurm_conn_id=self.slurm_conn_id,
+            log_pattern=job["log_pattern"],
+            job_name=job["job_name"],
+            user=job["user"],
+            expected_tasks=job["array_tasks"],
+            poll_interval=self.poll_interval,
+            max_poll_interval=self.max_poll_interval,
+            deadline=job["deadline"],
+            cancel_on_kill=True,
+            cancel_array_on_failure=self.cancel_array_on_failure,
+            stream_logs=self.stream_logs,
+            tail_lines=self.log_tail_lines,
+            missing_grace=self.missing_grace,
+        )
+
+    def _wait_blocking(self, job: Mapping[str, Any]) -> dict[str, Any] | None:
+        waiter = BlockingWaiter(
+            hook=self.hook,
+            job_id=job["job_id"],
+            log=self.log,
+            log_pattern=job["log_pattern"] if self.stream_logs else None,
+            job_name=job["job_name"],
+            user=job["user"],
+            expected_tasks=job["array_tasks"],
+            poll_interval=self.poll_interval,
+            max_poll_interval=self.max_poll_interval,
+            deadline=job["deadline"],
+            cancel_array_on_failure=self.cancel_array_on_failure,
+            missing_grace=self.missing_grace,
+            tail_line_count=self.log_tail_lines,
+        )
+        try:
+            snap = waiter.wait()
+        except TimeoutError as exc:
+            self._cancel_quietly(job["job_id"])
+            raise AirflowException(f"{exc}; job cancelled") from exc
+        except (SlurmError, SlurmParseError, ValueError) as exc:
+            raise AirflowException(f"lost track of Slurm job {job['job_id']}: {exc}") from exc
+        tail = "" if snap.state.is_successful else waiter.tail(snap)
+        return self._finish(snap, job, tail)
+
+    def execute_complete(self, context: Context, event: dict[str, Any], job: dict[str, Any]) -> dict[str, Any] | None:
+        """Resume after the trigger fired: success, failure, timeout or error."""
+        self._job_id = job["job_id"]
+        status = event.get("status")
+        message = event.get("message", "")
+        snap = JobSnapshot.from_dict(event["snapshot"]) if event.get("snapshot") else None
+        if status in {"success", "failed"} and snap is not None:
+            return self._finish(snap, job, event.get("log_tail", ""))
+        if status == "timeout":
+            self._cancel_quietly(job["job_id"])
+            raise AirflowException(f"{message}; job {job['job_id']} cancelled")
+        # Polling failed for good (cluster unreachable, job vanished). With retries left the job
+        # is left alone: the retry re-attaches to it. On the last try it is cancelled, so no
+        # job outlives its task.
+        ti = context["ti"]
+        if getattr(ti, "try_number", 1) > getattr(ti, "max_tries", 0):
+            self._cancel_quietly(job["job_id"])
+        raise AirflowException(f"waiting for Slurm job {job['job_id']} failed: {message}")
+
+    def _finish(self, snap: JobSnapshot, job: Mapping[str, Any], tail: str) -> dict[str, Any] | None:
+        if self.cleanup_secrets and job.get("secrets_path"):
+            try:
+                self.hook.remove(job["secrets_path"])
+            except SlurmError as exc:
+                self.log.warning("Could not delete the secrets file %s: %s", job["secrets_path"], exc)
+        result = result_dict(snap, job)
+        if not snap.state.is_successful:
+            if tail:
+                self.log.error("Last lines of %s:\n%s", job.get("log_path"), tail)
+            raise_for_failure(snap, self.retry_states, tail)
+        self.log.info(
+            "Slurm job %s COMPLETED in %s on %s (restarts: %s)",
+            snap.job_id,
+            result["elapsed"] or "?",
+            result["node_list"] or "?",
+            result["restarts"],
+        )
+        return result
+
+    # --- cancellation -------------------------------------------------------------------------
+
+    def _cancel_quietly(self, job_id: str) -> None:
+        try:
+            self.hook.cancel([job_id])
+            self.log.warning("Cancelled Slurm job %s", job_id)
+        except (SlurmError, SlurmParseError) as exc:
+            self.log.error("scancel %s failed: %s", job_id, exc)
+
+    def on_kill(self) -> None:
+        """The task was killed while waiting on the worker (blocking mode, or during submission):
+        scancel its job. Without a job id yet, the key lookup finds it."""
+        if self._job_id:
+            self._cancel_quietly(self._job_id)
+            return
+        if self._key is None:
+            return
+        try:
+            found = self.hook.find_jobs(self._key, self._generation)
+        except (SlurmError, SlurmParseError) as exc:
+            self.log.error("Could not look up this task's Slurm job to cancel it: %s", exc)
+            return
+        live = [job_id for job_id, snap in found.items() if not snap.state.is_terminal]
+        for job_id in live:
+            self._cancel_quietly(job_id)
+
+    def resume_execution(self, next_method: str, next_kwargs: dict[str, Any] | None, context: Context) -> Any:
+        """Airflow resumes with ``__fail__`` when the trigger crashed or Airflow timed the
+        deferral out; the task is about to fail, so its job must not keep running."""
+        if next_method == "__fail__":
+            ti = context["ti"]
+            record = ti.xcom_pull(task_ids=ti.task_id, key=XCOM_JOB_KEY, map_indexes=ti.map_index)
+            if isinstance(record, Mapping) and record.get("job_id"):
+                self._cancel_quietly(str(record["job_id"]))
+        return super().resume_execution(next_method, next_kwargs, context)
+
+
+__all__ = ["XCOM_JOB_KEY", "SlurmSubmitJobOperator"]

@@ -1,0 +1,1 @@
+"""slurmflow sensors."""
