@@ -35,6 +35,11 @@ from slurmflow.status import JobSnapshot, ResolveOptions
 
 log = logging.getLogger(__name__)
 
+#: Pause after a wake-up (a new subscriber) so that a burst of deferrals shares one round.
+COALESCE_SECONDS = 0.3
+#: How long an idle poller keeps its SSH connection for the next deferral.
+LINGER_SECONDS = 30.0
+
 
 @dataclass
 class PollUpdate:
@@ -145,16 +150,16 @@ class ClusterPoller:
         *,
         failure_limit: int = 6,
         jitter: float = 0.2,
-        linger: float = 30.0,
-        coalesce: float = 0.3,
+        linger: float | None = None,
+        coalesce: float | None = None,
     ) -> None:
         self.conn_id = conn_id
         self._hook_factory = hook_factory or _default_hook
         self.hook = self._hook_factory(conn_id)
         self.failure_limit = failure_limit
         self.jitter = jitter
-        self.linger = linger
-        self.coalesce = coalesce
+        self.linger = LINGER_SECONDS if linger is None else linger
+        self.coalesce = COALESCE_SECONDS if coalesce is None else coalesce
         self.subscriptions: set[Subscription] = set()
         self.resolve_options = ResolveOptions()
         self.interval: float | None = None

@@ -228,12 +228,16 @@ class SlurmSubmitJobOperator(BaseOperator):
         except SbatchOptionError as exc:
             raise AirflowFailException(f"invalid Slurm job definition for task {self.task_id}: {exc}") from exc
 
-    def dry_run(self) -> None:
-        """Print the sbatch script this task would submit (with a placeholder job key)."""
-        key = JobKey(self.dag_id, "dry_run", self.task_id)
+    def preview_script(self, run_id: str = "dry_run") -> str:
+        """The sbatch script this task would submit, without a run context or a connection
+        (placeholder run id; ``/JOB_ROOT`` unless ``job_root`` is set). Templates are not rendered."""
+        key = JobKey(self.dag_id, run_id, self.task_id)
         script = self.build(key.job_dir(self.job_root or "/JOB_ROOT", 0), key.job_name(0), key.comment(0))
-        text = render_script(script, template=self.template, template_dir=self.template_dir)
-        self.log.info("sbatch script for %s:\n%s", self.task_id, text)
+        return render_script(script, template=self.template, template_dir=self.template_dir)
+
+    def dry_run(self) -> None:
+        """Log the sbatch script this task would submit (see :meth:`preview_script`)."""
+        self.log.info("sbatch script for %s:\n%s", self.task_id, self.preview_script())
 
     # --- execution ----------------------------------------------------------------------------
 

@@ -1,0 +1,173 @@
+"""SlurmHook submission flows with a fake login node: exactly once, even across unclear failures."""
+
+from __future__ import annotations
+
+import pytest
+from slurmflow.errors import SlurmConnectionError, SlurmSubmitError
+from slurmflow.identity import JobKey
+from slurmflow.sbatch import build_script, render_script, render_secrets_file
+
+from tests.unit.fixtures.slurm.fakes import FakeCluster, fake_hook
+
+KEY = JobKey("dag", "run1", "train")
+
+
+def prepared(gen=0, secrets=None):
+    script = build_script(
+        command="echo hi",
+        job_name=KEY.job_name(gen),
+        job_dir=KEY.job_dir("/home/u/jobs", gen),
+        options={"account": "research"},
+        secret_environment=secrets,
+    )
+    return script, render_script(script), render_secrets_file(secrets) if secrets else None
+
+
+def submit(hook, gen=0, secrets=None):
+    script, text, secret_text = prepared(gen, secrets)
+    return hook.submit(KEY, gen, script, text, secret_text, retry_wait=0)
+
+
+def test_fresh_submission_stages_then_submits_once():
+    cluster = FakeCluster()
+    outcome = submit(fake_hook(cluster), secrets={"TOKEN": "s3cr3t"})
+    assert outcome.action == "submitted" and outcome.job_id in cluster.jobs
+    assert cluster.tools() == ["squeue", "sacct", "mkdir", "sftp-put", "sftp-put", "submit"]
+    secret_put, script_put = cluster.calls[3], cluster.calls[4]
+    assert secret_put[1].endswith(".slurmflow-secrets.env") and secret_put[2] == "0o600"
+    assert script_put[1].endswith("job.sbatch")
+    assert "s3cr3t" not in cluster.files[script_put[1]]
+    assert "s3cr3t" in cluster.files[secret_put[1]]
+    # No secret ever on a command line.
+    assert not any("s3cr3t" in " ".join(c) for c in cluster.calls if c[0] != "sftp-put")
+    # Lookups ask for this key's exact name, with a bounded sacct window.
+    assert f"--name={KEY.job_name(0)}" in cluster.calls[0]
+    assert any(a.startswith("--starttime=") for a in cluster.calls[1])
+
+
+def test_live_job_is_reattached_not_resubmitted():
+    cluster = FakeCluster()
+    live = cluster.add_job(KEY.job_name(0), "RUNNING")
+    outcome = submit(fake_hook(cluster))
+    assert (outcome.action, outcome.job_id) == ("attached", live.job_id)
+    assert "submit" not in cluster.tools() and len(cluster.jobs) == 1
+
+
+def test_completed_job_is_reused():
+    cluster = FakeCluster()
+    done = cluster.add_job(KEY.job_name(0), "COMPLETED", in_squeue=False)
+    outcome = submit(fake_hook(cluster))
+    assert (outcome.action, outcome.job_id) == ("reused", done.job_id)
+    assert len(cluster.jobs) == 1
+
+
+def test_failed_job_is_replaced():
+    cluster = FakeCluster()
+    cluster.add_job(KEY.job_name(0), "FAILED", exit_code="1:0")
+    outcome = submit(fake_hook(cluster))
+    assert outcome.action == "submitted" and len(cluster.jobs) == 2
+
+
+def test_clear_cancels_previous_generation_and_submits_fresh():
+    cluster = FakeCluster()
+    old = cluster.add_job(KEY.job_name(0), "RUNNING")
+    outcome = submit(fake_hook(cluster), gen=1)
+    assert outcome.action == "submitted" and outcome.cancelled == (old.job_id,)
+    assert old.state == "CANCELLED"
+    assert cluster.jobs[outcome.job_id].name == KEY.job_name(1)
+
+
+def test_dropped_connection_after_sbatch_attaches_to_the_job_it_created():
+    cluster = FakeCluster()
+    cluster.explode_after["submit"] = SlurmConnectionError("connection reset by peer")
+    outcome = submit(fake_hook(cluster))
+    assert outcome.action == "attached"
+    assert len(cluster.jobs) == 1, "zero duplicate jobs"
+    # lookup, submit (lost answer), lookup again -> found
+    assert cluster.tools() == ["squeue", "sacct", "mkdir", "sftp-put", "submit", "squeue", "sacct"]
+
+
+def test_failure_before_sbatch_retries_after_lookup():
+    cluster = FakeCluster()
+    cluster.explode["submit"] = SlurmConnectionError("timed out")
+    outcome = submit(fake_hook(cluster))
+    assert outcome.action == "submitted" and len(cluster.jobs) == 1
+    assert cluster.count("submit") == 2
+
+
+def test_previous_failed_job_is_not_mistaken_for_ours_after_an_unclear_failure():
+    cluster = FakeCluster()
+    cluster.add_job(KEY.job_name(0), "FAILED", in_squeue=False)
+    cluster.explode["submit"] = SlurmConnectionError("timed out")
+    outcome = submit(fake_hook(cluster))
+    assert outcome.action == "submitted" and len(cluster.jobs) == 2
+
+
+def test_rejected_sbatch_names_the_cause_without_retrying():
+    cluster = FakeCluster()
+    cluster.sbatch_error = (1, "sbatch: error: Batch job submission failed: Invalid account or account/partition combination specified")
+    with pytest.raises(SlurmSubmitError, match="Invalid account"):
+        submit(fake_hook(cluster))
+    assert cluster.count("submit") == 1
+
+
+def test_controller_busy_is_retried():
+    cluster = FakeCluster()
+    cluster.sbatch_error = (1, "sbatch: error: Batch job submission failed: Socket timed out on send/recv operation")
+
+    calls = {"n": 0}
+    original = cluster._submit
+
+    def flaky(argv):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            cluster.sbatch_error = None
+        return original(argv)
+
+    cluster._submit = flaky
+    outcome = submit(fake_hook(cluster))
+    assert outcome.action == "submitted" and len(cluster.jobs) == 1
+
+
+def test_unreachable_host_gives_up_with_the_cause():
+    cluster = FakeCluster()
+    hook = fake_hook(cluster, submit_attempts=2)
+    hook.exec_bytes = lambda command, timeout=None: (_ for _ in ()).throw(  # type: ignore[method-assign]
+        SlurmConnectionError("cannot connect to the Slurm login node u@login:22: Connection refused")
+    )
+    with pytest.raises(SlurmConnectionError, match="Connection refused"):
+        submit(hook)
+
+
+def test_race_inside_the_lock_attaches():
+    """Another submitter created the job between our lookup and our sbatch."""
+    cluster = FakeCluster()
+    original = cluster._submit
+
+    def racing(argv):
+        cluster.add_job(KEY.job_name(0), "PENDING")
+        return original(argv)
+
+    cluster._submit = racing
+    outcome = submit(fake_hook(cluster))
+    assert outcome.action == "attached" and len(cluster.jobs) == 1
+
+
+def test_cancel_and_preflight():
+    cluster = FakeCluster()
+    hook = fake_hook(cluster)
+    job = cluster.add_job("x", "COMPLETED")
+    hook.cancel([job.job_id])  # already finished: fine
+    assert "to start at" in hook.test_only("/home/u/jobs/x/job.sbatch")
+    cluster.sbatch_error = (1, "sbatch: error: invalid partition specified: nope")
+    with pytest.raises(SlurmSubmitError, match="invalid partition"):
+        hook.test_only("/home/u/jobs/x/job.sbatch")
+
+
+def test_command_counts_by_tool():
+    cluster = FakeCluster()
+    hook = fake_hook(cluster)
+    job = cluster.add_job("x", "RUNNING")
+    hook.get_states([job.job_id])
+    hook.get_states([job.job_id])
+    assert hook.command_counts["squeue"] == 2 and hook.command_counts["sacct"] == 0

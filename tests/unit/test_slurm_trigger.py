@@ -1,0 +1,187 @@
+"""SlurmJobTrigger over the shared poller and a fake cluster: events, live log lines, on_kill."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from slurmflow import poller as poller_mod
+from slurmflow.triggers.slurm import SlurmJobTrigger
+
+from tests.unit.fixtures.slurm.fakes import FakeAsyncHook, FakeCluster
+
+
+class RecordingLog:
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def _record(self, msg, *args, **kwargs):
+        self.lines.append(msg % args if args else str(msg))
+
+    info = warning = error = debug = exception = _record
+
+
+@pytest.fixture
+def cluster(monkeypatch):
+    cluster = FakeCluster()
+    monkeypatch.setattr(poller_mod, "COALESCE_SECONDS", 0.0)
+    monkeypatch.setattr(poller_mod, "LINGER_SECONDS", 0.0)
+    monkeypatch.setattr(poller_mod, "_default_hook", lambda conn_id: FakeAsyncHook(cluster))
+    return cluster
+
+
+def make(job_id, **kw):
+    kw.setdefault("poll_interval", 0.01)
+    kw.setdefault("max_poll_interval", 0.02)
+    trigger = SlurmJobTrigger(job_id=job_id, **kw)
+    trigger._log = RecordingLog()
+    return trigger
+
+
+async def first_event(trigger, during=None):
+    gen = trigger.run()
+    task = asyncio.ensure_future(gen.__anext__())
+    if during is not None:
+        await during()
+    event = await asyncio.wait_for(task, 10)
+    await gen.aclose()
+    return event.payload
+
+
+def test_serializes_to_plain_types_and_back():
+    trigger = SlurmJobTrigger(job_id="12", log_pattern="/j/slurm-%j.out", log_offsets={"/j/slurm-12.out": 5},
+                              deadline=123.0, expected_tasks=4)
+    path, kwargs = trigger.serialize()
+    assert path == "slurmflow.triggers.slurm.SlurmJobTrigger"
+    import json
+
+    json.dumps(kwargs)
+    assert SlurmJobTrigger(**kwargs).serialize() == (path, kwargs)
+
+
+def test_streams_new_lines_then_succeeds(cluster, tmp_path):
+    job = cluster.add_job("a", "RUNNING")
+    log = tmp_path / f"slurm-{job.job_id}.out"
+    log.write_text("epoch 1\npart")
+    trigger = make(job.job_id, log_pattern=str(tmp_path / "slurm-%j.out"))
+
+    async def progress():
+        await asyncio.sleep(0.1)
+        with log.open("a") as f:
+            f.write("ial line\nepoch 2\n")
+        await asyncio.sleep(0.1)
+        job.state = "COMPLETED"
+
+    event = asyncio.run(first_event(trigger, progress))
+    assert event["status"] == "success"
+    assert event["snapshot"]["state"] == "COMPLETED" and event["snapshot"]["final"]
+    streamed = [line for line in trigger.log.lines if line.startswith("[slurm")]
+    assert streamed == [f"[slurm {job.job_id}] epoch 1", f"[slurm {job.job_id}] partial line", f"[slurm {job.job_id}] epoch 2"]
+    assert event["log_offsets"][str(log)] == log.stat().st_size
+
+
+def test_failure_event_carries_the_log_tail(cluster, tmp_path):
+    job = cluster.add_job("a", "FAILED", exit_code="1:0")
+    (tmp_path / f"slurm-{job.job_id}.out").write_text("".join(f"line {i}\n" for i in range(100)) + "Traceback: boom\n")
+    event = asyncio.run(first_event(make(job.job_id, log_pattern=str(tmp_path / "slurm-%j.out"), tail_lines=3)))
+    assert event["status"] == "failed"
+    assert event["log_tail"] == "line 98\nline 99\nTraceback: boom"
+    assert event["snapshot"]["exit_code"] == 1
+
+
+def test_requeue_is_followed_with_restart_count(cluster):
+    job = cluster.add_job("a", "RUNNING")
+    trigger = make(job.job_id)
+
+    async def requeue():
+        await asyncio.sleep(0.05)
+        job.state, job.restarts, job.reason = "REQUEUED", 1, "BeginTime"
+        await asyncio.sleep(0.05)
+        job.state = "PENDING"
+        await asyncio.sleep(0.05)
+        job.state = "RUNNING"
+        await asyncio.sleep(0.05)
+        job.state = "COMPLETED"
+
+    event = asyncio.run(first_event(trigger, requeue))
+    assert event["status"] == "success" and event["snapshot"]["restarts"] == 1
+    assert any("restarts=1" in line for line in trigger.log.lines)
+
+
+def test_unknown_job_ends_with_an_error_not_a_hang(cluster):
+    event = asyncio.run(first_event(make("999", missing_grace=0.05)))
+    assert event["status"] == "error" and "999 not found" in event["message"]
+
+
+def test_deadline_fires_a_timeout_event(cluster):
+    job = cluster.add_job("a", "RUNNING")
+    event = asyncio.run(first_event(make(job.job_id, deadline=time.time() + 0.1)))
+    assert event["status"] == "timeout"
+
+
+def test_unreachable_cluster_becomes_an_error_event(cluster, monkeypatch):
+    broken = FakeAsyncHook(cluster)
+    broken.fail_with = OSError("[Errno 111] Connection refused")
+    monkeypatch.setattr(poller_mod, "_default_hook", lambda conn_id: broken)
+    event = asyncio.run(first_event(make("5", failure_limit=2, poll_interval=0.001, max_poll_interval=0.002)))
+    assert event["status"] == "error" and "Connection refused" in event["message"]
+
+
+def test_array_cancel_rest_on_first_failure(cluster):
+    job = cluster.add_job("arr", "RUNNING", array=[0, 1, 2], task_states={0: "FAILED", 1: "RUNNING", 2: "PENDING"})
+    event = asyncio.run(first_event(make(job.job_id, cancel_array_on_failure=True, expected_tasks=3)))
+    assert ["scancel", job.job_id] in cluster.calls
+    assert event["status"] == "failed"
+    assert event["snapshot"]["array"]["failed_tasks"] == [0, 1, 2]
+
+
+def test_on_kill_cancels_when_the_user_acted(cluster):
+    job = cluster.add_job("a", "RUNNING")
+    trigger = make(job.job_id)
+
+    async def not_deferred():
+        return False
+
+    trigger._still_deferred = not_deferred
+    asyncio.run(trigger.on_kill())
+    assert job.state == "CANCELLED"
+
+
+def test_on_kill_spares_the_job_when_the_task_is_still_deferred(cluster):
+    job = cluster.add_job("a", "RUNNING")
+    trigger = make(job.job_id)
+
+    async def deferred():
+        return True
+
+    trigger._still_deferred = deferred
+    asyncio.run(trigger.on_kill())
+    assert job.state == "RUNNING"
+
+
+def test_sensor_triggers_never_cancel(cluster):
+    job = cluster.add_job("a", "RUNNING")
+    asyncio.run(make(job.job_id, cancel_on_kill=False).on_kill())
+    assert job.state == "RUNNING"
+
+
+def test_still_deferred_reads_the_task_state(monkeypatch):
+    from types import SimpleNamespace
+
+    from airflow.sdk.execution_time import task_runner
+
+    seen = {}
+
+    def states(**kwargs):
+        seen.update(kwargs)
+        return {"run1": {"train_2": "deferred"}}
+
+    monkeypatch.setattr(task_runner.RuntimeTaskInstance, "get_task_states", staticmethod(states))
+    trigger = make("1")
+    trigger._task_instance = SimpleNamespace(dag_id="d", run_id="run1", task_id="train", map_index=2)
+    assert asyncio.run(trigger._still_deferred()) is True
+    assert seen == {"dag_id": "d", "task_ids": ["train"], "run_ids": ["run1"], "map_index": 2}
+    monkeypatch.setattr(task_runner.RuntimeTaskInstance, "get_task_states",
+                        staticmethod(lambda **kw: {"run1": {"train_2": "failed"}}))
+    assert asyncio.run(trigger._still_deferred()) is False
