@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from hpctrain.data.sampling import ResumableLoader
+
 
 def _capture_rng() -> dict[str, Any]:
     # Plain types and tensors only: checkpoints load with torch.load(weights_only=True).
@@ -34,27 +36,53 @@ def _restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-class RngStateCallback(Callback):
-    """Checkpoint the global RNG streams (torch, CUDA, numpy, python) and restore them on resume.
+class ResumeStateCallback(Callback):
+    """Restore what Lightning's own restore misses, so a resumed run continues bit for bit.
 
-    Lightning does not save them; without this, dropout masks after a resume differ from the
-    uninterrupted run's. The restore happens at ``on_train_start``, after the sanity check and
-    data loader setup (which may draw random numbers) and just before the first resumed step.
+    * The global RNG streams (torch, CUDA, numpy, python): Lightning does not checkpoint them, and
+      without them dropout masks after a resume differ from the uninterrupted run's.
+    * The training loader's position (:class:`~hpctrain.data.sampling.ResumableLoader`):
+      Lightning checkpoints it, but loads it back only if the train loader is first built after
+      the restore; a ``configure_optimizers`` that asks for ``estimated_stepping_batches`` (ours,
+      for the cosine schedule) builds it before, and the saved position is silently dropped.
+
+    Both are applied at ``on_train_start``: after the restore, the sanity check and the loader
+    setup (which may draw random numbers), and before the first resumed batch is fetched.
     """
 
     def __init__(self) -> None:
-        self._pending: dict[str, Any] | None = None
+        self._rng: dict[str, Any] | None = None
+        self._loader_states: list[dict[str, Any]] | None = None
 
     def state_dict(self) -> dict[str, Any]:
         return {"rng": _capture_rng()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._pending = state_dict.get("rng")
+        self._rng = state_dict.get("rng")
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        fit_loop = checkpoint.get("loops", {}).get("fit_loop", {})
+        self._loader_states = fit_loop.get("state_dict", {}).get("combined_loader")
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._pending is not None:
-            _restore_rng(self._pending)
-            self._pending = None
+        if self._loader_states:
+            loaders = [dl for dl in _flatten(trainer.train_dataloader) if isinstance(dl, ResumableLoader)]
+            for loader, state in zip(loaders, self._loader_states, strict=False):
+                loader.load_state_dict(state)
+            self._loader_states = None
+        if self._rng is not None:
+            _restore_rng(self._rng)
+            self._rng = None
+
+
+def _flatten(loaders: Any) -> list[Any]:
+    if isinstance(loaders, dict):
+        return [x for v in loaders.values() for x in _flatten(v)]
+    if isinstance(loaders, list | tuple):
+        return [x for v in loaders for x in _flatten(v)]
+    return [] if loaders is None else [loaders]
 
 
 def _floats(metrics: dict[str, Any], prefix: str) -> dict[str, float]:

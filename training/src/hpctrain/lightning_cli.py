@@ -31,7 +31,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from hpctrain import environment, tracking
-from hpctrain.callbacks import EpochHistory, RngStateCallback
+from hpctrain.callbacks import EpochHistory, ResumeStateCallback
 from hpctrain.data.base import HpcDataModule
 from hpctrain.errors import AlreadyComplete
 from hpctrain.job import JOB_DIR_ENV, JobDir, resolve_job_dir
@@ -155,7 +155,7 @@ class HpcTrainCLI(LightningCLI):
             self.latch, self.job.last_checkpoint, requeue=run.requeue
         )
         callbacks = list(self._get(self.config_init, "trainer.callbacks") or [])
-        callbacks += [self.preemption_callback, RngStateCallback(), self.history, self.checkpoint_callback]
+        callbacks += [self.preemption_callback, ResumeStateCallback(), self.history, self.checkpoint_callback]
         kwargs["callbacks"] = callbacks
 
         if trainer_cfg.logger is None or trainer_cfg.logger is True:
