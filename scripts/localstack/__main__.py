@@ -167,6 +167,8 @@ def _provision_and_start(svcs: list[Service]) -> None:
     provision.registry_login()
     provision.base_image()
     provision.load_airflow_settings()
+    provision.campaign_data()
+    provision.wheelhouse()
     write_stack_env()
 
 

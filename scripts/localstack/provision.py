@@ -13,6 +13,7 @@ import subprocess
 from pathlib import Path
 
 from .config import (
+    REPO,
     BASE_IMAGE,
     BASE_IMAGE_REPO,
     BASE_IMAGE_TAG,
@@ -222,3 +223,17 @@ def base_image() -> None:
 def load_airflow_settings() -> None:
     """Load connections, variables and pools from airflow_settings.yaml into Airflow."""
     sh([str(VENV_BIN / "python"), "-m", "scripts.localstack.settings"], env=airflow_env())
+
+
+def campaign_data() -> None:
+    """Demo simulation results in MongoDB for the surrogate task (see campaign.py)."""
+    from .campaign import seed
+
+    n = seed()
+    if n:
+        print(f"  campaign data: {n} documents inserted into campaigns.borehole")
+
+
+def wheelhouse() -> None:
+    """The wheels the training image installs from (no network inside `docker build`)."""
+    sh([str(REPO / "scripts" / "wheelhouse.sh")])

@@ -21,7 +21,7 @@ HEAVY = ("torch", "lightning", "mlflow", "pymongo", "docker", "paramiko", "async
 def dagbag():
     from airflow.dag_processing.dagbag import DagBag
 
-    return DagBag(dag_folder=str(REPO / "dags"), include_examples=False)
+    return DagBag(dag_folder=str(REPO / "dags"))
 
 
 def test_no_import_errors(dagbag):

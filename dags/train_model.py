@@ -1,0 +1,47 @@
+"""train_model: train one model on the Slurm cluster from the Airflow UI.
+
+Trigger it with the form (every field validated; the defaults train a small surrogate on the
+local stack). Steps: pre-flight (``sbatch --test-only``) -> build or reuse the training image ->
+submit the job (exactly once) -> wait deferred, with the job's log in the task log -> copy the
+results off the cluster and register the model in MLflow -> record the run in the Mongo catalog.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from airflow.sdk import dag
+from slurmflow.operators.image import BuildImageOperator
+from slurmflow.pipeline import tasks
+from slurmflow.pipeline.params import train_params
+
+default_args = {"owner": "ml-platform", "retries": 1, "retry_delay": timedelta(seconds=30)}
+
+
+@dag(
+    dag_id="train_model",
+    schedule=None,
+    catchup=False,
+    params=train_params(),
+    default_args=default_args,
+    tags=["training", "slurm", "mlflow"],
+    doc_md=__doc__,
+    max_active_runs=4,
+)
+def train_model():
+    preflight = tasks.preflight()
+    image = BuildImageOperator(task_id="build_image", base_image="{{ var.value.slurmflow_base_image }}")
+    spec = tasks.job_spec(image.output)
+    train = tasks.TrainingJobOperator(
+        task_id="train",
+        command=spec["command"],
+        sbatch_options=spec["sbatch_options"],
+        pool="slurm_submit",
+        execution_timeout=timedelta(hours=48),
+    )
+    registration = tasks.register(train.output, image.output)
+    preflight >> image
+    spec >> train >> registration >> tasks.catalog()
+
+
+train_model()

@@ -1,0 +1,122 @@
+"""From validated DAG Params to a Slurm job: sbatch options and the containerised training command.
+
+Pure functions (no I/O): the DAG's ``job_spec`` task calls :func:`training_job` with the run's
+Params, the pinned image and the site settings, and hands the result to
+:class:`~slurmflow.operators.slurm.SlurmSubmitJobOperator`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from slurmflow.runtimes import container_command
+
+#: config file of each task inside the training image (docker/training.Dockerfile copies training/)
+CONFIGS = {"surrogate": "surrogate_mongo.yaml", "deepcam": "deepcam.yaml"}
+IMAGE_CONFIG_DIR = "/opt/hpctrain/configs"
+#: training checkpoints and requeues on this signal, sent 60 s before the time limit
+PREEMPT_SIGNAL = "B:USR2@60"
+#: secrets the job needs; values travel in the mode-600 secrets file, never the script
+SECRET_NAMES = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+
+
+@dataclass(frozen=True)
+class Site:
+    """Where and how jobs run on this cluster (Airflow Variables and connections).
+
+    :param partition: default partition.
+    :param account: default account.
+    :param runtime: default container runtime.
+    :param auth_dir: cluster folder with the registry credentials (mode 700), see RegistryHook.
+    :param tracking_uri: MLflow as seen from compute nodes (training falls back to offline).
+    :param mongo_uri: MongoDB as seen from compute nodes (surrogate data).
+    :param run_args: site flags for the runtime (e.g. podman's ``--runtime runc``).
+    :param insecure_registry: the registry speaks plain HTTP (the local stack).
+    """
+
+    partition: str
+    account: str
+    runtime: str
+    auth_dir: str | None = None
+    tracking_uri: str = ""
+    mongo_uri: str = ""
+    run_args: Sequence[str] = ()
+    insecure_registry: bool = False
+    extra_env: Mapping[str, str] = field(default_factory=dict)
+
+
+def training_argv(params: Mapping[str, Any], extra: Sequence[str] = ()) -> list[str]:
+    """``python -m hpctrain fit`` with the task's config and the Params as CLI overrides."""
+    task = params["task"]
+    argv = [
+        "python", "-m", "hpctrain", "fit", "--config", f"{IMAGE_CONFIG_DIR}/{CONFIGS[task]}",
+        f"--seed_everything={int(params['seed'])}",
+        f"--trainer.max_epochs={int(params['max_epochs'])}",
+        f"--model.lr={float(params['lr'])}",
+        f"--data.batch_size={int(params['batch_size'])}",
+    ]
+    width = int(params["width"])
+    if task == "surrogate":
+        mongo = {"database": "campaigns", "collection": params["data_collection"],
+                 "query": params.get("data_query") or {}, "uri_env": "MONGO_URI"}
+        argv += [f"--model.hidden_sizes={json.dumps([width, width, max(width // 2, 1)])}",
+                 f"--data.mongo={json.dumps(mongo, sort_keys=True)}"]
+    else:
+        argv += [f"--model.width={width}", f"--data.seed={int(params['data_seed'])}"]
+    return argv + list(extra)
+
+
+def sbatch_options(params: Mapping[str, Any], site: Site, array: str | None = None) -> dict[str, Any]:
+    """Slurm resources from the Params; empty partition/account fall back to the site's."""
+    opts: dict[str, Any] = {
+        "partition": params.get("partition") or site.partition,
+        "account": params.get("account") or site.account,
+        "nodes": int(params["nodes"]),
+        "ntasks_per_node": int(params["ntasks_per_node"]),
+        "cpus_per_task": int(params["cpus_per_task"]),
+        "mem": params["mem"],
+        "time": params["time_limit"],
+        "signal": PREEMPT_SIGNAL,
+        "requeue": True,
+    }
+    if params.get("qos"):
+        opts["qos"] = params["qos"]
+    if int(params.get("gpus_per_node") or 0):
+        opts["gpus_per_node"] = str(int(params["gpus_per_node"]))
+    if array:
+        opts["array"] = array
+    return opts
+
+
+def training_job(params: Mapping[str, Any], image: str, site: Site, *, array: str | None = None,
+                 extra_args: Sequence[str] = ()) -> dict[str, Any]:
+    """The full job: ``{"command", "sbatch_options", "environment", "runtime"}``.
+
+    :param params: the run's validated Params (see :mod:`slurmflow.pipeline.params`).
+    :param image: ``registry/repo@sha256:...`` from the image task.
+    :param site: the cluster's settings.
+    :param array: ``--array`` spec for a sweep; trials pick their arguments by task id.
+    :param extra_args: more ``hpctrain fit`` arguments (e.g. the sweep's per-trial dispatcher).
+    """
+    runtime = params.get("container_runtime") or site.runtime
+    multi = int(params["nodes"]) * int(params["ntasks_per_node"]) > 1
+    env = {"MLFLOW_TRACKING_URI": site.tracking_uri, "MONGO_URI": site.mongo_uri, **site.extra_env}
+    command = container_command(
+        runtime,
+        image,
+        training_argv(params, extra_args),
+        gpus=int(params.get("gpus_per_node") or 0) > 0,
+        binds=["$SLURMFLOW_JOB_DIR"],
+        workdir="$SLURMFLOW_JOB_DIR",
+        env={k: v for k, v in env.items() if v},
+        pass_env=["SLURMFLOW_JOB_DIR", "HPCTRAIN_JOB_DIR", *SECRET_NAMES],
+        auth_dir=site.auth_dir,
+        insecure_registry=site.insecure_registry,
+        run_args=list(site.run_args),
+        # One process per Slurm task for DDP: srun starts them, Lightning's SLURMEnvironment wires them.
+        launcher=["srun", "--kill-on-bad-exit=1"] if multi else [],
+    )
+    return {"command": command, "sbatch_options": sbatch_options(params, site, array), "runtime": runtime}

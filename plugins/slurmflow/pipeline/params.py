@@ -1,0 +1,81 @@
+"""The typed, JSON-schema-validated Params of the training DAGs (the Trigger form in the UI).
+
+Every Param has a description and a default, so pressing Trigger with the defaults trains a
+small model on the local stack. Airflow validates ``conf`` against these schemas when a run is
+created (the REST API answers HTTP 400 with the reason), before anything reaches Slurm.
+Light on purpose: DAG files import this module at parse time.
+"""
+
+from __future__ import annotations
+
+from airflow.sdk import Param
+
+TASKS = ("surrogate", "deepcam")
+RUNTIMES = ("docker", "podman", "charliecloud", "apptainer", "singularity", "podman-hpc", "enroot", "none")
+NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+SLURM_TIME = r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$"
+SLURM_MEM = r"^\d+[KMGT]?$"
+
+
+def model_params(task: str = "surrogate") -> dict[str, Param]:
+    """What to train and on which data."""
+    return {
+        "task": Param(task, type="string", enum=list(TASKS), section="Model",
+                      description="Reference task: 'surrogate' (MLP regressor on the Mongo campaign "
+                                  "collection) or 'deepcam' (U-Net segmentation of generated climate fields)."),
+        "model_name": Param("", type="string", pattern=r"^([A-Za-z0-9][A-Za-z0-9._-]{0,63})?$", section="Model",
+                            description="Registered model name in MLflow; empty = slurmflow-<task>."),
+        "data_collection": Param("borehole", type="string", pattern=NAME, section="Data",
+                                 description="surrogate: MongoDB collection in the 'campaigns' database."),
+        "data_query": Param({"valid": True}, type="object", section="Data",
+                            description="surrogate: MongoDB filter selecting the training documents."),
+        "data_seed": Param(0, type="integer", minimum=0, maximum=2**31 - 1, section="Data",
+                           description="deepcam: seed of the generated fields (the data set's identity)."),
+    }
+
+
+def hyperparameters(lr: float = 3e-3, max_epochs: int = 3, batch_size: int = 128, width: int = 64) -> dict[str, Param]:
+    """Hyperparameters common to both tasks (overrides of the task's config file)."""
+    return {
+        "lr": Param(lr, type="number", exclusiveMinimum=0, maximum=1, section="Hyperparameters",
+                    description="Learning rate (AdamW)."),
+        "max_epochs": Param(max_epochs, type="integer", minimum=1, maximum=1000, section="Hyperparameters",
+                            description="Epochs to train."),
+        "batch_size": Param(batch_size, type="integer", minimum=1, maximum=65536, section="Hyperparameters",
+                            description="Per-process batch size."),
+        "width": Param(width, type="integer", minimum=4, maximum=4096, section="Hyperparameters",
+                       description="Model width: hidden units per MLP layer (surrogate) or base channels (deepcam)."),
+        "seed": Param(42, type="integer", minimum=0, maximum=2**31 - 1, section="Hyperparameters",
+                      description="Global seed (weights, shuffling): same seed, same model."),
+    }
+
+
+def slurm_params() -> dict[str, Param]:
+    """Resources; empty partition/account mean the site defaults from Airflow Variables."""
+    return {
+        "partition": Param("", type="string", pattern=r"^([A-Za-z0-9_.-]{1,64})?$", section="Slurm",
+                           description="Partition; empty = Variable slurmflow_partition."),
+        "account": Param("", type="string", pattern=r"^([A-Za-z0-9_.-]{1,64})?$", section="Slurm",
+                         description="Account to charge; empty = Variable slurmflow_account."),
+        "qos": Param("", type="string", pattern=r"^([A-Za-z0-9_.-]{1,64})?$", section="Slurm",
+                     description="QOS; empty = the account's default."),
+        "nodes": Param(1, type="integer", minimum=1, maximum=1024, section="Slurm", description="Nodes."),
+        "ntasks_per_node": Param(1, type="integer", minimum=1, maximum=256, section="Slurm",
+                                 description="Processes per node (one per GPU for DDP)."),
+        "cpus_per_task": Param(1, type="integer", minimum=1, maximum=256, section="Slurm",
+                               description="CPUs per process (data loading threads)."),
+        "gpus_per_node": Param(0, type="integer", minimum=0, maximum=16, section="Slurm",
+                               description="GPUs per node; 0 trains on CPU."),
+        "mem": Param("2G", type="string", pattern=SLURM_MEM, section="Slurm",
+                     description="Memory per node, e.g. 2G or 64000M."),
+        "time_limit": Param("00:30:00", type="string", pattern=SLURM_TIME, section="Slurm",
+                            description="Wall-clock limit, [D-]HH:MM:SS; training checkpoints 60 s before it."),
+        "container_runtime": Param("", type="string", enum=["", *RUNTIMES], section="Slurm",
+                                   description="Container runtime on the cluster; empty = Variable "
+                                               "slurmflow_container_runtime."),
+    }
+
+
+def train_params() -> dict[str, Param]:
+    """All Params of ``train_model``."""
+    return {**model_params(), **hyperparameters(), **slurm_params()}

@@ -1,0 +1,166 @@
+"""After the job: copy its results off the cluster, register them in MLflow, record them in the catalog.
+
+The job directory's ``result.json`` (written by ``hpctrain``, schema in training/README.md) is
+the source of truth. If the compute node could not reach MLflow, the job logged into an offline
+store in its directory; it is copied here over SFTP and replayed into the server
+(``hpctrain.offline.upload``). Registration is keyed by the run key, so repeating it changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import stat
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from slurmflow.hooks.catalog import RunCatalogHook
+from slurmflow.hooks.mlflow import MlflowHook
+
+#: what the orchestrator copies back from a job directory (model weights stay in MLflow's store)
+COLLECTED = ("result.json", "tracking.json", "config.yaml", "mlruns-offline")
+
+
+class ResultMissingError(RuntimeError):
+    """The job ended without a usable ``result.json``."""
+
+
+def _download(sftp: Any, remote: str, local: Path) -> None:
+    attrs = sftp.stat(remote)
+    if stat.S_ISDIR(attrs.st_mode):
+        local.mkdir(parents=True, exist_ok=True)
+        for entry in sftp.listdir_attr(remote):
+            _download(sftp, posixpath.join(remote, entry.filename), local / entry.filename)
+    else:
+        local.parent.mkdir(parents=True, exist_ok=True)
+        sftp.get(remote, str(local))
+
+
+def collect(ssh_client: Any, job_dir: str, local_dir: Path) -> dict[str, Any]:
+    """Copy the job's results into ``local_dir``; return the parsed, completed manifest.
+
+    :param ssh_client: a connected paramiko client (``SlurmHook.ssh_hook.get_conn()``).
+    :param job_dir: the job directory on the cluster.
+    :param local_dir: an empty local folder.
+    :raises ResultMissingError: no ``result.json`` or a manifest that is not ``completed``.
+    """
+    with ssh_client.open_sftp() as sftp:
+        for name in COLLECTED:
+            try:
+                _download(sftp, posixpath.join(job_dir, name), local_dir / name)
+            except FileNotFoundError:
+                continue
+    path = local_dir / "result.json"
+    if not path.exists():
+        raise ResultMissingError(f"the job wrote no result.json in {job_dir}: see the job log above")
+    manifest = json.loads(path.read_text())
+    if manifest.get("status") != "completed":
+        raise ResultMissingError(f"result.json in {job_dir} says {manifest.get('status')!r}: {manifest.get('error')}")
+    return manifest
+
+
+def flatten(value: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"model": {"lr": 1}}`` -> ``{"model.lr": 1}``; lists become JSON."""
+    flat: dict[str, Any] = {}
+    for key, item in value.items():
+        name = f"{prefix}{key}"
+        if isinstance(item, Mapping):
+            flat.update(flatten(item, f"{name}."))
+        else:
+            flat[name] = json.dumps(item) if isinstance(item, list | tuple) else item
+    return flat
+
+
+def slurm_tags(job: Mapping[str, Any], image: str, gpus_per_node: int = 0) -> dict[str, str]:
+    """Slurm facts for the MLflow run, the model version and the catalog."""
+    elapsed = job.get("elapsed_seconds") or 0
+    nodes = int(job.get("nodes") or 1)
+    tags = {
+        "slurm.job_id": job.get("job_id"),
+        "slurm.state": job.get("state"),
+        "slurm.node_list": job.get("node_list"),
+        "slurm.elapsed_seconds": elapsed,
+        "slurm.gpu_hours": round(elapsed * gpus_per_node * nodes / 3600, 4),
+        "slurm.job_dir": job.get("job_dir"),
+        "slurm.cluster": job.get("cluster"),
+        "image": image,
+    }
+    return {k: str(v) for k, v in tags.items() if v not in (None, "")}
+
+
+def metrics_of(manifest: Mapping[str, Any]) -> dict[str, float]:
+    """Final metrics, and the best ones as ``best/<name>``."""
+    metrics = manifest.get("metrics") or {}
+    out = {k: v for k, v in (metrics.get("final") or {}).items() if isinstance(v, int | float)}
+    out.update({f"best/{k}": v for k, v in (metrics.get("best") or {}).items() if isinstance(v, int | float)})
+    return out
+
+
+def register(
+    manifest: Mapping[str, Any],
+    local_dir: Path,
+    *,
+    run_key: str,
+    model_name: str,
+    job: Mapping[str, Any],
+    image: str,
+    sbatch_script: str,
+    extra_tags: Mapping[str, str] | None = None,
+    gpus_per_node: int = 0,
+    mlflow: MlflowHook | None = None,
+) -> dict[str, Any]:
+    """Put one finished training into MLflow (run + model version), idempotently.
+
+    :return: ``run_id``, ``experiment``, ``model_name``, ``model_version``, ``run_url``,
+        ``model_url``, ``metrics``.
+    """
+    mlflow = mlflow or MlflowHook()
+    tracking = manifest.get("mlflow") or {}
+    experiment = tracking.get("experiment") or "slurmflow"
+    run_id = tracking.get("run_id") if tracking.get("mode") == "online" else None
+    if run_id is None and (local_dir / "mlruns-offline").is_dir():
+        from hpctrain.offline import upload  # the compute node was offline: replay its store
+
+        _ = mlflow.client  # sets the credentials upload() reads
+        run_id = upload(local_dir, mlflow.tracking_uri, experiment=experiment, tags={"slurmflow.run_key": run_key})
+    tags = {**slurm_tags(job, image, gpus_per_node), **(extra_tags or {})}
+    script = local_dir / "job.sh"
+    script.write_text(sbatch_script)
+    metrics = metrics_of(manifest)
+    run_id = mlflow.log_training(
+        experiment=experiment, run_key=run_key, run_name=run_key.replace("/", " "),
+        params=flatten(manifest.get("hyperparameters") or {}), metrics=metrics, tags=tags,
+        artifacts={"slurm": script, "result": local_dir / "result.json"}, run_id=run_id,
+    )
+    version = mlflow.register_model(model_name, run_id, "model", {**tags, "slurmflow.run_key": run_key})
+    exp_id = mlflow.client.get_run(run_id).info.experiment_id
+    return {
+        "run_id": run_id,
+        "experiment": experiment,
+        "model_name": model_name,
+        "model_version": version,
+        "run_url": mlflow.ui_url(f"experiments/{exp_id}/runs/{run_id}"),
+        "model_url": mlflow.ui_url(f"models/{model_name}/versions/{version}"),
+        "metrics": metrics,
+    }
+
+
+def catalog_record(catalog: RunCatalogHook, run_key: str, state: str, *, job: Mapping[str, Any] | None = None,
+                   registration: Mapping[str, Any] | None = None, image: str | None = None,
+                   manifest: Mapping[str, Any] | None = None, extra: Mapping[str, Any] | None = None) -> dict:
+    """Upsert the run's catalog document with whatever links are known."""
+    fields: dict[str, Any] = dict(extra or {})
+    if job:
+        fields["slurm"] = {k: job.get(k) for k in ("job_id", "state", "node_list", "elapsed_seconds", "job_dir",
+                                                    "log_path", "exit_code") if job.get(k) is not None}
+    if image:
+        fields["image"] = image
+    if registration:
+        fields["mlflow"] = {k: registration[k] for k in ("run_id", "experiment", "model_name", "model_version",
+                                                         "run_url", "model_url")}
+        fields["metrics"] = registration["metrics"]
+    if manifest:
+        fields["data"] = manifest.get("data")
+        fields["versions"] = manifest.get("versions")
+    return catalog.record_run(run_key, state, fields)
