@@ -502,7 +502,14 @@ def _render_podman(spec: ContainerSpec, *, hpc: bool = False) -> list[str]:
     if spec.insecure_registry:
         pull.append("--tls-verify=false")
     if spec.auth_dir:
-        pull += ["--authfile", _auth_path(spec, DOCKER_CONFIG_FILE)]
+        # --authfile alone still falls back to ~/.docker/config.json: point DOCKER_CONFIG at the
+        # staged folder too, so the pull uses exactly the credentials the job was given.
+        pull = [
+            _cat("DOCKER_CONFIG=", *_pieces(spec.auth_dir)),
+            *pull,
+            "--authfile",
+            _auth_path(spec, DOCKER_CONFIG_FILE),
+        ]
     lines += _engine_pull(
         spec, f'{name} image exists "$sf_image"', _join(pull) + ' "$sf_image"', lock_kind=name, ref=ref
     )
@@ -512,8 +519,20 @@ def _render_podman(spec: ContainerSpec, *, hpc: bool = False) -> list[str]:
         if spec.gpus:
             words.append("--gpu")
     else:
-        # keep-id: files the job writes in bind mounts belong to the job's user.
-        words += ["--network", "host", "--ipc", "host", "--userns", "keep-id"]
+        # keep-id + --user: the job's uid inside too (the image's USER would win otherwise), so
+        # files written to bind mounts belong to the job's user. No --ipc host (it needs the
+        # host's /dev/mqueue, absent in some sandboxes): a larger /dev/shm instead, since the
+        # 64 MB default kills DataLoader workers.
+        words += [
+            "--network",
+            "host",
+            "--userns",
+            "keep-id",
+            "--user",
+            Raw('"$(id -u):$(id -g)"'),
+            "--shm-size",
+            "1g",
+        ]
         if spec.gpus:
             words += ["--device", "nvidia.com/gpu=all"]
     if "HOME" not in spec.env:

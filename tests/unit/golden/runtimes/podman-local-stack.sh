@@ -10,4 +10,4 @@ if ! podman image exists "$sf_image" >/dev/null 2>&1; then
     podman pull -q --tls-verify=false "$sf_image" >/dev/null
   ) 9>"$sf_cache/podman/sha256-3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f.lock" || exit 1
 fi
-podman run --rm --network host --ipc host --userns keep-id -e HOME=/tmp --runtime runc --ulimit nofile=20000:20000 "$sf_image" python -m hpctrain fit --config '/scratch/jobs/nightly run 7/config.yaml'
+podman run --rm --network host --userns keep-id --user "$(id -u):$(id -g)" --shm-size 1g -e HOME=/tmp --runtime runc --ulimit nofile=20000:20000 "$sf_image" python -m hpctrain fit --config '/scratch/jobs/nightly run 7/config.yaml'

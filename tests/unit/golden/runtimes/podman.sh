@@ -7,7 +7,7 @@ if ! podman image exists "$sf_image" >/dev/null 2>&1; then
     flock -w 3600 9 || { echo "slurmflow: timed out waiting for the image lock" >&2; exit 1; }
     podman image exists "$sf_image" >/dev/null 2>&1 && exit 0
     echo "slurmflow: pulling $sf_image" >&2
-    podman pull -q --tls-verify=false --authfile /home/alice/.slurmflow/auth/config.json "$sf_image" >/dev/null
+    DOCKER_CONFIG=/home/alice/.slurmflow/auth podman pull -q --tls-verify=false --authfile /home/alice/.slurmflow/auth/config.json "$sf_image" >/dev/null
   ) 9>"$sf_cache/podman/sha256-3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f.lock" || exit 1
 fi
-podman run --rm --network host --ipc host --userns keep-id --device nvidia.com/gpu=all -e HOME=/tmp -v '/scratch/jobs/nightly run 7:/scratch/jobs/nightly run 7' -v /datasets/imagenet:/data:ro -w '/scratch/jobs/nightly run 7' --env-file '/scratch/jobs/nightly run 7/.env' -e HPCTRAIN_JOB_DIR -e MLFLOW_TRACKING_PASSWORD -e HPCTRAIN_LOG_LEVEL=info "$sf_image" python -m hpctrain fit --config '/scratch/jobs/nightly run 7/config.yaml'
+podman run --rm --network host --userns keep-id --user "$(id -u):$(id -g)" --shm-size 1g --device nvidia.com/gpu=all -e HOME=/tmp -v '/scratch/jobs/nightly run 7:/scratch/jobs/nightly run 7' -v /datasets/imagenet:/data:ro -w '/scratch/jobs/nightly run 7' --env-file '/scratch/jobs/nightly run 7/.env' -e HPCTRAIN_JOB_DIR -e MLFLOW_TRACKING_PASSWORD -e HPCTRAIN_LOG_LEVEL=info "$sf_image" python -m hpctrain fit --config '/scratch/jobs/nightly run 7/config.yaml'
