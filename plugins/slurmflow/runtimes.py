@@ -50,6 +50,20 @@ AUTH_DIR_MODE, AUTH_FILE_MODE = 0o700, 0o600
 #: File names inside ``auth_dir`` (see :func:`registry_auth_files`).
 DOCKER_CONFIG_FILE, REGISTRY_ENV_FILE, ENROOT_CREDENTIALS_FILE = "config.json", "registry.env", ".credentials"
 
+#: Slurm's job and task variables, handed by name to docker/podman containers (the HPC runtimes
+#: pass the whole environment): array trials read SLURM_ARRAY_TASK_ID, Lightning's
+#: SLURMEnvironment reads the task layout, training reads SLURM_RESTART_COUNT. Unset ones stay
+#: unset. Not CUDA_VISIBLE_DEVICES: inside the container the GPUs are renumbered from 0.
+SLURM_ENV: tuple[str, ...] = (
+    "SLURM_JOB_ID", "SLURM_JOB_NAME", "SLURM_JOB_PARTITION", "SLURM_JOB_ACCOUNT", "SLURM_CLUSTER_NAME",
+    "SLURM_JOB_NUM_NODES", "SLURM_NNODES", "SLURM_JOB_NODELIST", "SLURM_NODELIST", "SLURMD_NODENAME",
+    "SLURM_NTASKS", "SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE", "SLURM_CPUS_PER_TASK",
+    "SLURM_CPUS_ON_NODE", "SLURM_GPUS_ON_NODE", "SLURM_MEM_PER_NODE", "SLURM_PROCID", "SLURM_LOCALID",
+    "SLURM_NODEID", "SLURM_STEP_ID", "SLURM_STEP_NODELIST", "SLURM_STEP_NUM_NODES", "SLURM_STEP_NUM_TASKS",
+    "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN",
+    "SLURM_ARRAY_TASK_MAX", "SLURM_RESTART_COUNT", "SLURM_SUBMIT_DIR",
+)  # fmt: skip
+
 _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Characters that break bind syntax (``src:dst:ro``, pyxis' comma list) or the script itself.
 _BAD_PATH_CHARS = re.compile(r"[:,\n\r\0]")
@@ -441,7 +455,7 @@ def _engine_run_flags(spec: ContainerSpec) -> list[str]:
         words += ["-w", _pw(spec.workdir)]
     if spec.env_file:
         words += ["--env-file", _pw(spec.env_file)]
-    for name in spec.pass_env:
+    for name in dict.fromkeys([*SLURM_ENV, *spec.pass_env]):
         words += ["-e", name]  # value read from the client's environment, not from argv
     for name, value in spec.env.items():
         words += ["-e", f"{name}={value}"]

@@ -173,7 +173,7 @@ def secret_tag(secret: str) -> str:
 CHECK = (
     'echo "uid=$(id -u)"; '
     f'echo "secret-sha=$(printf %s "${SECRET_NAME}" | sha256sum | cut -c1-16)"; '
-    'echo "cwd=$(pwd)"; python -c "import hpctrain" && echo from-container > "$HPCTRAIN_JOB_DIR/marker.txt"'
+    'echo "cwd=$(pwd)"; echo "slurm-job=${SLURM_JOB_ID:-unset}"; python -c "import hpctrain" && echo from-container > "$HPCTRAIN_JOB_DIR/marker.txt"'
 )
 
 
@@ -183,6 +183,7 @@ def _assert_job(cluster: Cluster, rc: int, out: str, job_dir: str, secret: str) 
     assert f"uid={uid}" in out
     assert f"secret-sha={secret_tag(secret)}" in out
     assert f"cwd={job_dir}" in out
+    assert "slurm-job=unset" not in out  # Slurm's variables reach the container too
     assert secret not in out
     owner = cluster.run(f"stat -c %u {shlex.quote(job_dir)}/marker.txt").stdout.strip()
     assert owner == uid  # written as the job's user, not root or a container uid
