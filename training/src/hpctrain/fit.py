@@ -177,6 +177,12 @@ class FitJob:
             "data": config.get("data"),
             "trainer": {k: v for k, v in config["trainer"].items() if not isinstance(v, dict | list)},
         }
+        self._log_params(params)
+
+    def _log_params(self, params: dict[str, Any]) -> None:
+        logger = self.trainer.logger
+        if self.cli.target is None or not hasattr(logger, "run_id"):
+            return
         try:
             logger.log_hyperparams(params)
         except Exception as exc:  # MLflow params are immutable: a requeue with a changed config
@@ -227,6 +233,7 @@ class FitJob:
                 "model": model_info,
             }
         )
+        self._log_params({k: self.model.hparams.get(k) for k in self.model.shape_keys})
         config_path = self.job.root / "config.yaml"
         config_path.write_text(yaml.safe_dump(self.config_dict(), sort_keys=False))
         write_manifest(self.job, manifest)
@@ -278,6 +285,17 @@ def _mark_run(job: FitJob, status: str) -> None:
             log.warning("could not mark MLflow run %s: %s", status, exc)
 
 
+def _config_error_in(exc: BaseException) -> ConfigError | None:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, ConfigError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
 def run_fit(argv: list[str]) -> int:
     """Run ``hpctrain fit`` with ``argv`` (the arguments after ``fit``); return the exit code.
 
@@ -292,8 +310,12 @@ def run_fit(argv: list[str]) -> int:
     except AlreadyComplete as done:
         print(f"hpctrain: {done}", flush=True)
         return 0
-    except ConfigError as exc:
-        print(f"hpctrain: config error: {exc}", file=sys.stderr, flush=True)
+    except Exception as exc:
+        # A ConfigError raised by a constructor reaches us wrapped by jsonargparse.
+        cause = _config_error_in(exc)
+        if cause is None:
+            raise
+        print(f"hpctrain: config error: {cause}", file=sys.stderr, flush=True)
         return EXIT_CONFIG_ERROR
     job = FitJob(cli)
     try:

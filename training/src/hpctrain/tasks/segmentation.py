@@ -71,7 +71,8 @@ class ClimateSegmenter(TaskModule):
         super().__init__(lr=lr, weight_decay=weight_decay, lr_schedule=lr_schedule, warmup_steps=warmup_steps)
         if width < 1:
             raise ConfigError(f"model.width must be >= 1, got {width}")
-        self.save_hyperparameters()
+        shapes = {"in_channels": in_channels, "num_classes": num_classes}  # see SurrogateRegressor
+        self.save_hyperparameters(ignore=[k for k, v in shapes.items() if v is None])
         self._maybe_build()
 
     def build(self) -> None:

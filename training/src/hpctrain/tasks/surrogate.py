@@ -52,7 +52,10 @@ class SurrogateRegressor(TaskModule):
             raise ConfigError(f"model.hidden_sizes must be positive widths, got {hidden_sizes}")
         if not 0.0 <= dropout < 1.0:
             raise ConfigError(f"model.dropout must be in [0, 1), got {dropout}")
-        self.save_hyperparameters()
+        # Shapes left to the data are not hyperparameters yet: Lightning logs hparams to MLflow
+        # before the data is read, and MLflow params cannot change once logged as "None".
+        shapes = {"in_features": in_features, "out_features": out_features}
+        self.save_hyperparameters(ignore=[k for k, v in shapes.items() if v is None])
         self.hparams["hidden_sizes"] = hidden_sizes
         self._maybe_build()
 
