@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from airflow.providers.common.compat.sdk import AirflowFailException
 from airflow.sdk import BaseHook, Variable, get_current_context, task
 from slurmflow.operators.slurm import SlurmSubmitJobOperator
 from slurmflow.pipeline.jobs import Site, sbatch_options, training_job
@@ -157,4 +158,8 @@ def catalog(train_task: str = "train", register_task: str = "register", image_ta
         catalog_record(hook, key, "completed", job=job)
     doc = catalog_record(hook, key, "registered" if registration else "failed", registration=registration,
                          extra=common)
+    if not registration:
+        # Recorded; now let the run fail too (this all_done task is the DAG's leaf).
+        raise AirflowFailException(f"training did not produce a registered model; catalog document {key} "
+                                   "records the failure")
     return {"run_key": doc["run_key"], "state": doc["state"], "history": [h["state"] for h in doc["history"]]}
