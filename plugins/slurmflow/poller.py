@@ -167,7 +167,7 @@ class ClusterPoller:
         self.failures = 0
         #: Slurm commands per round, newest last (what the tests and the benchmark read).
         self.round_queries: list[Counter[str]] = []
-        self._wake = asyncio.Event()
+        self._waiter: asyncio.Future[bool] | None = None
         self._task: asyncio.Task | None = None
         self._closed = False
 
@@ -175,14 +175,14 @@ class ClusterPoller:
     def subscribe(self, sub: Subscription) -> Subscription:
         self.subscriptions.add(sub)
         self.interval = None  # a new job: poll at the fastest pace again
-        self._wake.set()
+        self._wake_up()
         self._ensure_running()
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:
         self.subscriptions.discard(sub)
         if not self.subscriptions:
-            self._wake.set()
+            self._wake_up()
 
     async def cancel(self, job_ids: list[str]) -> None:
         """scancel over the shared connection (a trigger's on_kill, or cancel-on-failure)."""
@@ -237,13 +237,27 @@ class ClusterPoller:
                 await self._close()
 
     async def _sleep(self, delay: float) -> None:
-        """Sleep, but wake early (after a short coalescing pause) when a job subscribes."""
-        self._wake.clear()
+        """Sleep, but wake early (after a short coalescing pause) when a job subscribes.
+
+        A bare future and ``call_later`` rather than ``asyncio.wait_for(event.wait())``: on
+        Python < 3.12 ``wait_for`` swallows a cancellation that arrives as the event fires,
+        which would keep the poller alive through a triggerer shutdown.
+        """
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[bool] = loop.create_future()
+        self._waiter = waiter
+        handle = loop.call_later(max(delay, 0.0), _resolve, waiter, False)
         try:
-            await asyncio.wait_for(self._wake.wait(), timeout=max(delay, 0))
-        except TimeoutError:
-            return
-        await asyncio.sleep(self.coalesce)
+            woken = await waiter
+        finally:
+            handle.cancel()
+            self._waiter = None
+        if woken:
+            await asyncio.sleep(self.coalesce)
+
+    def _wake_up(self) -> None:
+        if self._waiter is not None:
+            _resolve(self._waiter, True)
 
     async def _linger(self) -> bool:
         """Keep the connection for a while for the next deferral; ``False`` when done."""
@@ -314,6 +328,11 @@ class ClusterPoller:
             self._closed = True
             _forget(self)
             await self.hook.close()
+
+
+def _resolve(future: asyncio.Future[bool], value: bool) -> None:
+    if not future.done():
+        future.set_result(value)
 
 
 def _default_hook(conn_id: str) -> Any:

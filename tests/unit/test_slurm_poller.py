@@ -147,3 +147,20 @@ def test_registry_shares_one_poller_per_connection_and_forgets_idle_ones():
     p1, p2, other, left = asyncio.run(go())
     assert p1 is p2 and p1 is not other
     assert "slurm_default" not in left and hook.closed == 1
+
+
+def test_cancellation_arriving_with_a_wake_up_is_not_swallowed():
+    """Triggerer shutdown right as the last trigger leaves: the poller must stop, not linger."""
+    cluster = FakeCluster()
+    job = cluster.add_job("a", "RUNNING")
+
+    async def go():
+        poller, _ = make_poller(cluster, linger=30)
+        s = poller.subscribe(sub(job.job_id))
+        await s.next_update()
+        poller.unsubscribe(s)  # wakes the sleeping loop ...
+        poller._task.cancel()  # ... in the same loop iteration as the shutdown
+        await asyncio.wait_for(asyncio.gather(poller._task, return_exceptions=True), 2)
+        return poller._task.cancelled()
+
+    assert asyncio.run(go()) is True

@@ -440,7 +440,8 @@ class SlurmAsyncHook(BaseHook):
             if self._conn is not None and not self._conn.is_closed():
                 return self._conn
             try:
-                self._conn = await asyncio.wait_for(self.ssh_hook.get_conn(), timeout=self.conn_timeout)
+                async with asyncio.timeout(self.conn_timeout):
+                    self._conn = await self.ssh_hook.get_conn()
             except Exception as exc:
                 self._conn = None
                 raise SlurmConnectionError(
@@ -459,7 +460,8 @@ class SlurmAsyncHook(BaseHook):
         conn = await self._connection()
         limit = self.cmd_timeout if timeout is None else timeout
         try:
-            result = await asyncio.wait_for(conn.run(command, check=False, encoding=None), timeout=limit)
+            async with asyncio.timeout(limit):
+                result = await conn.run(command, check=False, encoding=None)
         except TimeoutError as exc:
             raise SlurmTimeoutError(f"command did not finish within {limit:.0f}s: {command[:200]}") from exc
         except Exception as exc:
@@ -471,8 +473,17 @@ class SlurmAsyncHook(BaseHook):
         return status, result.stdout or b"", result.stderr or b""
 
     async def run(self, argv: Sequence[str]) -> CommandResult:
+        """Run an argv; a dropped connection is re-opened once (every command sent this way -
+        squeue, sacct, scontrol, scancel - is idempotent)."""
         self.command_counts[str(argv[0])] += 1
-        status, out, err = await self.exec_bytes(commands.to_shell(argv))
+        command = commands.to_shell(argv)
+        try:
+            status, out, err = await self.exec_bytes(command)
+        except SlurmTimeoutError:
+            raise
+        except SlurmConnectionError as exc:
+            self.log.info("Reconnecting to the Slurm login node after: %s", exc)
+            status, out, err = await self.exec_bytes(command)
         return CommandResult(status, out.decode("utf-8", "replace"), err.decode("utf-8", "replace"))
 
     async def get_states(self, job_ids: Sequence[str], options: ResolveOptions) -> dict[str, JobSnapshot]:

@@ -28,6 +28,7 @@ from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
+from slurmflow import poller as poller_module
 from slurmflow.logs import DEFAULT_CHUNK_BYTES, DEFAULT_TAIL_BYTES, complete_lines, tail_lines
 from slurmflow.poller import Subscription, get_poller
 from slurmflow.sbatch import expand_log_path
@@ -162,9 +163,11 @@ class SlurmJobTrigger(BaseTrigger):
         cancelled_rest = False
         try:
             while True:
-                timeout = None if self.deadline is None else max(self.deadline - time.time(), 0.0)
                 try:
-                    update = await asyncio.wait_for(sub.next_update(), timeout=timeout)
+                    # asyncio.timeout, not wait_for: wait_for (Python < 3.12) can swallow the
+                    # triggerer's cancellation when an update arrives at the same moment.
+                    async with asyncio.timeout_at(self._loop_deadline()):
+                        update = await sub.next_update()
                 except TimeoutError:
                     yield self._event(
                         "timeout", f"Slurm job {self.job_id} still not finished at the deadline", sub.last
@@ -236,6 +239,11 @@ class SlurmJobTrigger(BaseTrigger):
         finally:
             poller.unsubscribe(sub)
 
+    def _loop_deadline(self) -> float | None:
+        if self.deadline is None:
+            return None
+        return asyncio.get_running_loop().time() + max(self.deadline - time.time(), 0.0)
+
     def _describe(self, snap: JobSnapshot) -> str:
         text = str(snap.state)
         if snap.progress:
@@ -292,8 +300,13 @@ class SlurmJobTrigger(BaseTrigger):
             self.log.info("Task instance still deferred: trigger moved, not cancelling Slurm job %s", self.job_id)
             return
         self.log.warning("Task instance stopped by a user action: cancelling Slurm job %s", self.job_id)
+        # A connection of its own: the shared poller may be closing its connection right now
+        # (this trigger just unsubscribed, and it may have been the last one).
+        hook = poller_module._default_hook(self.slurm_conn_id)
         try:
-            await get_poller(self.slurm_conn_id).cancel([self.job_id])
+            await hook.cancel([self.job_id])
         except Exception as exc:
             self.log.error("scancel %s failed: %s", self.job_id, exc)
             raise
+        finally:
+            await hook.close()
