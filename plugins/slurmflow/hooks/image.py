@@ -204,8 +204,12 @@ class ImageBuildHook(BaseHook):
         *,
         build_args: Mapping[str, str] | None = None,
         labels: Mapping[str, str] | None = None,
+        no_cache: bool = False,
     ) -> str:
-        """Build ``plan.ref`` from exactly the hashed files plus the wheelhouse; return the image id."""
+        """Build ``plan.ref`` from exactly the hashed files plus the wheelhouse; return the image id.
+
+        :param no_cache: ignore the daemon's layer cache (a cold build).
+        """
         files = [*plan.files, *context.wheelhouse_files()]
         all_labels = {
             LABEL_CONTENT_HASH: plan.content_hash,
@@ -226,6 +230,7 @@ class ImageBuildHook(BaseHook):
                 buildargs={**(build_args or {}), "BASE_IMAGE": plan.base_image},
                 labels=all_labels,
                 pull=False,  # the base is pinned by id in the hash; never let it move under us
+                nocache=no_cache,
                 rm=True,
                 forcerm=True,
                 decode=True,
