@@ -126,7 +126,7 @@ def plan_log_reads(
     return reads
 
 
-def _changed(before: JobSnapshot | None, after: JobSnapshot) -> bool:
+def state_changed(before: JobSnapshot | None, after: JobSnapshot) -> bool:
     if before is None:
         return True
     if before.state.state != after.state.state or before.state.restarts != after.state.restarts:
@@ -303,7 +303,7 @@ class ClusterPoller:
         by_read = iter(chunks)
         for sub in subs:
             snap = snapshots[sub.job_id]
-            changed = changed or _changed(sub.last, snap)
+            changed = changed or state_changed(sub.last, snap)
             got: list[tuple[str, LogChunk]] = []
             for label, _read in plans[id(sub)]:
                 chunk = next(by_read)

@@ -171,3 +171,13 @@ def test_command_counts_by_tool():
     hook.get_states([job.job_id])
     hook.get_states([job.job_id])
     assert hook.command_counts["squeue"] == 2 and hook.command_counts["sacct"] == 0
+
+
+def test_remove_tree_only_inside_the_job_root():
+    cluster = FakeCluster()
+    hook = fake_hook(cluster)
+    hook.remove_tree("/home/u/jobs/dag/run/task/g0")
+    assert cluster.calls[-1] == ["rm", "-rf", "--", "/home/u/jobs/dag/run/task/g0"]
+    for bad in ["/home/u/jobs", "/home/u/jobs/", "/home/u", "/home/u/jobs/../x", "/"]:
+        with pytest.raises(ValueError, match="refusing"):
+            hook.remove_tree(bad)

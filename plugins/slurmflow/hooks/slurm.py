@@ -195,11 +195,11 @@ class SlurmHook(BaseHook):
             status = channel.recv_exit_status()
             channel.close()
             return status, out.getvalue(), err.getvalue()
-        except SlurmTimeoutError:
+        except SlurmConnectionError:
             raise
-        except (TimeoutError, OSError, EOFError, Exception) as exc:
-            if isinstance(exc, SlurmConnectionError):
-                raise
+        except Exception as exc:
+            # paramiko raises SSHException, EOFError, socket errors...: all mean "the connection
+            # is unusable", and the command may or may not have run.
             self._drop_connection()
             raise SlurmConnectionError(
                 f"connection to {self.address} failed while running a command: {type(exc).__name__}: {exc}"
@@ -264,7 +264,20 @@ class SlurmHook(BaseHook):
             raise SlurmConnectionError(f"SFTP upload of {path} to {self.address} failed: {exc}") from exc
 
     def remove(self, path: str) -> None:
+        """Delete one file (``rm -f``); directories are left alone (see :meth:`remove_tree`)."""
         self.run(["rm", "-f", "--", path])
+
+    def remove_tree(self, path: str) -> None:
+        """Delete a directory tree, but only strictly inside :attr:`job_root` (a guard against
+        a bad path turning into ``rm -rf`` of a home directory).
+
+        :raises ValueError: the path is not below the job root.
+        """
+        root = self.job_root.rstrip("/") + "/"
+        target = posixpath.normpath(path)
+        if not target.startswith(root) or target.rstrip("/") + "/" == root:
+            raise ValueError(f"refusing to delete {path!r}: not inside the job root {self.job_root}")
+        self.check(["rm", "-rf", "--", target])
 
     # --- jobs -------------------------------------------------------------------------------
 

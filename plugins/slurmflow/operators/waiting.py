@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from slurmflow.errors import SlurmConnectionError, SlurmError, SlurmJobNotFoundError
 from slurmflow.hooks.slurm import SlurmHook
 from slurmflow.logs import DEFAULT_TAIL_BYTES, complete_lines, tail_lines
-from slurmflow.poller import _changed, plan_log_reads
+from slurmflow.poller import plan_log_reads, state_changed
 from slurmflow.sbatch import expand_log_path
 from slurmflow.states import SlurmState
 from slurmflow.status import JobSnapshot
@@ -93,7 +93,7 @@ class BlockingWaiter:
                 interval = min(self.poll_interval * 2**failures, self.max_poll_interval)
                 self._sleep(interval)
                 continue
-            changed = _changed(self.last, snap)
+            changed = state_changed(self.last, snap)
             self.last = snap
             if snap.state.state is SlurmState.UNKNOWN:
                 missing_since = missing_since or time.monotonic()
