@@ -16,6 +16,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
 from hpctrain.data.sampling import EpochShuffleSampler, ResumableLoader
+from hpctrain.data.tensor_table import collate_for
 from hpctrain.job import resolve_job_dir
 
 Split = Literal["train", "val", "all"]
@@ -114,4 +115,10 @@ class HpcDataModule(LightningDataModule):
         :param split: ``"val"`` (the validation split), ``"all"`` (every row: a held-out set given
             as its own source) or ``"train"``.
         """
-        return DataLoader(self.dataset(split), batch_size=self.eval_batch_size, num_workers=self.num_workers)
+        dataset = self.dataset(split)
+        return DataLoader(
+            dataset,
+            batch_size=self.eval_batch_size,
+            num_workers=self.num_workers,
+            collate_fn=collate_for(dataset),
+        )

@@ -21,10 +21,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset
 
 from hpctrain.data.base import HpcDataModule, Split
 from hpctrain.data.identity import hash_tensors
+from hpctrain.data.tensor_table import TensorTable
 from hpctrain.errors import ConfigError
 
 CHANNELS = ("TMQ", "U850", "V850", "PSL")
@@ -160,7 +161,7 @@ class ClimateSegmentationDataModule(HpcDataModule):
         self.width = width
         self.seed = seed
         self.val_fraction = val_fraction
-        self._splits: dict[str, TensorDataset] = {}
+        self._splits: dict[str, TensorTable] = {}
         self._identity: dict[str, Any] | None = None
 
     def setup(self, stage: str | None = None) -> None:
@@ -170,9 +171,9 @@ class ClimateSegmentationDataModule(HpcDataModule):
         n_val = int(round(self.num_samples * self.val_fraction))
         n_train = self.num_samples - n_val
         self._splits = {
-            "train": TensorDataset(x[:n_train], y[:n_train]),
-            "val": TensorDataset(x[n_train:], y[n_train:]),
-            "all": TensorDataset(x, y),
+            "train": TensorTable(x[:n_train], y[:n_train]),
+            "val": TensorTable(x[n_train:], y[n_train:]),
+            "all": TensorTable(x, y),
         }
         train_x, train_y = x[:n_train], y[:n_train]
         counts = torch.bincount(train_y.flatten(), minlength=len(CLASSES)).float()

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from hpctrain.data.tensor_table import collate_for
+
 
 class EpochShuffleSampler(DistributedSampler):
     """Shuffle by ``(seed, epoch)``, shard over ranks, optionally start part-way into the epoch.
@@ -67,6 +69,7 @@ class ResumableLoader(DataLoader):
         # An explicit generator keeps DataLoader from drawing its worker base seed from the
         # global RNG, which would otherwise differ between a resumed and an uninterrupted run.
         kwargs.setdefault("generator", torch.Generator().manual_seed(sampler.seed))
+        kwargs.setdefault("collate_fn", collate_for(dataset))
         super().__init__(dataset, sampler=sampler, **kwargs)
         self._yielded = 0
         self._resume_from: dict[str, int] | None = None

@@ -9,11 +9,12 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset
 
 from hpctrain.data.base import HpcDataModule, Split
 from hpctrain.data.identity import sha256_file
 from hpctrain.data.mongo import MongoQuery
+from hpctrain.data.tensor_table import TensorTable
 from hpctrain.errors import ConfigError
 
 FileFormat = Literal["auto", "parquet", "csv"]
@@ -89,7 +90,7 @@ class TabularDataModule(HpcDataModule):
         self.val_fraction = val_fraction
         self.split_seed = split_seed
         self._identity: dict[str, Any] | None = None
-        self._splits: dict[str, TensorDataset] = {}
+        self._splits: dict[str, TensorTable] = {}
 
     # -- validation before compute ----------------------------------------------------------
     def check(self) -> None:
@@ -175,9 +176,9 @@ class TabularDataModule(HpcDataModule):
         order = torch.randperm(n, generator=torch.Generator().manual_seed(self.split_seed))
         val_idx, train_idx = order[:n_val].sort().values, order[n_val:].sort().values
         self._splits = {
-            "train": TensorDataset(x[train_idx], y[train_idx]),
-            "val": TensorDataset(x[val_idx], y[val_idx]),
-            "all": TensorDataset(x, y),
+            "train": TensorTable(x[train_idx], y[train_idx]),
+            "val": TensorTable(x[val_idx], y[val_idx]),
+            "all": TensorTable(x, y),
         }
         train_x, train_y = x[train_idx], y[train_idx]
         self._stats = {
