@@ -169,6 +169,10 @@ def _expand_record(record: JobRecord, raw_id: str) -> list[JobRecord]:
     ]
 
 
+def _is_range(raw_id: str) -> bool:
+    return "_[" in raw_id
+
+
 def _base_and_task(raw_id: str, line: str) -> tuple[str, int | None]:
     match = _JOB_ID_RE.match(raw_id)
     if not match:
@@ -191,6 +195,7 @@ def parse_squeue(text: str) -> list[JobRecord]:
     :raises SlurmParseError: when a line does not have the expected columns.
     """
     records: list[JobRecord] = []
+    ranged: list[JobRecord] = []
     for line in text.splitlines():
         if not line.strip():
             continue
@@ -228,8 +233,15 @@ def parse_squeue(text: str) -> list[JobRecord]:
             node_list=_clean_nodes(row["NodeList"]),
             source="squeue",
         )
-        records.extend(_expand_record(record, raw_id))
-    return records
+        (ranged if _is_range(raw_id) else records).extend(_expand_record(record, raw_id))
+    return _explicit_first(records, ranged)
+
+
+def _explicit_first(explicit: list[JobRecord], ranged: list[JobRecord]) -> list[JobRecord]:
+    """A range line ("9_[1-3%1]") stands for tasks that never started; when it also names
+    tasks that have lines of their own (seen after a cancel), those lines win."""
+    have = {r.job_id for r in explicit}
+    return explicit + [r for r in ranged if r.job_id not in have]
 
 
 def _squeue_exit(text: str) -> tuple[int | None, int | None]:
@@ -256,6 +268,7 @@ def parse_sacct(text: str) -> list[JobRecord]:
     :raises SlurmParseError: when a line does not have the expected columns.
     """
     by_id: dict[str, tuple[str, JobRecord]] = {}
+    ranged: dict[str, JobRecord] = {}
     seen: dict[str, int] = {}
     for line in text.splitlines():
         if not line.strip():
@@ -294,15 +307,17 @@ def parse_sacct(text: str) -> list[JobRecord]:
             source="sacct",
         )
         submitted = _clean_time(row["Submit"])
-        for expanded in _expand_record(record, raw_id):
-            seen[expanded.job_id] = seen.get(expanded.job_id, 0) + 1
-            current = by_id.get(expanded.job_id)
-            # The newest submission is the current run; the earlier ones were requeued.
-            if current is None or submitted >= current[0]:
-                by_id[expanded.job_id] = (submitted, expanded)
-    return [
-        replace(rec, state=replace(rec.state, restarts=seen[job_id] - 1)) for job_id, (_, rec) in by_id.items()
-    ]
+        if _is_range(raw_id):
+            for rec in _expand_record(record, raw_id):
+                ranged.setdefault(rec.job_id, rec)
+            continue
+        seen[record.job_id] = seen.get(record.job_id, 0) + 1
+        current = by_id.get(record.job_id)
+        # The newest submission is the current run; the earlier ones were requeued.
+        if current is None or submitted >= current[0]:
+            by_id[record.job_id] = (submitted, record)
+    explicit = [replace(rec, state=replace(rec.state, restarts=seen[job_id] - 1)) for job_id, (_, rec) in by_id.items()]
+    return _explicit_first(explicit, list(ranged.values()))
 
 
 def _clean_time(text: str) -> str:
@@ -321,6 +336,7 @@ def parse_scontrol_jobs(text: str) -> list[JobRecord]:
     :raises SlurmParseError: when a line lacks ``JobId`` or ``JobState``.
     """
     records: list[JobRecord] = []
+    ranged: list[JobRecord] = []
     for line in text.splitlines():
         line = line.strip()
         if not line or line.startswith("No jobs"):
@@ -358,8 +374,8 @@ def parse_scontrol_jobs(text: str) -> list[JobRecord]:
             end=_clean_time(fields.get("EndTime", "")),
             source="scontrol",
         )
-        records.extend(_expand_record(record, raw_id))
-    return records
+        (ranged if _is_range(raw_id) else records).extend(_expand_record(record, raw_id))
+    return _explicit_first(records, ranged)
 
 
 _SBATCH_PARSABLE_RE = re.compile(r"^(\d+)(?:;([\w.-]+))?$")

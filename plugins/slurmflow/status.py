@@ -84,6 +84,14 @@ class JobSnapshot:
             return None
         return ArrayProgress.from_task_states({t: s.state for t, s in self.tasks.items()})
 
+    @property
+    def first_failed_task(self) -> int | None:
+        """The array task whose log explains the failure: the first one that failed by itself,
+        else the first one that was cancelled; ``None`` for plain jobs and clean arrays."""
+        bad = [t for t, s in self.tasks.items() if s.is_terminal and not s.is_successful]
+        own = [t for t in bad if self.tasks[t].state is not SlurmState.CANCELLED]
+        return (own or bad or [None])[0]
+
     def facts(self) -> dict[str, Any]:
         """Plain-typed facts for events and XCom."""
         progress = self.progress

@@ -119,6 +119,7 @@ def test_array_cancels_the_rest_when_one_task_fails(slurm_conn, stack_env):
     assert time.monotonic() - started < 25, "did not wait for the other tasks"
     message = str(err.value)
     assert "failed tasks" in message and "exit code 7" in message
+    assert "1 FAILED" in message and "CANCELLED" in message
 
 
 def test_trigger_on_kill_scancels_the_job(slurm_conn, stack_env):
@@ -243,3 +244,9 @@ def test_sensor_waits_for_someone_elses_job(slurm_conn, stack_env):
     payload = asyncio.run(first_event(deferred.value.trigger, RecordingLog()))
     facts = sensor.execute_complete({}, payload)
     assert facts["job_id"] == job_id and facts["state"] == "COMPLETED"
+
+
+def test_job_that_no_longer_exists_ends_with_an_error(slurm_conn):
+    trigger = SlurmJobTrigger(job_id="987654", poll_interval=0.3, max_poll_interval=0.5, missing_grace=2)
+    payload = asyncio.run(first_event(trigger, RecordingLog(), timeout=30))
+    assert payload["status"] == "error" and "987654 not found by squeue, sacct or scontrol" in payload["message"]

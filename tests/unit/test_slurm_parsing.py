@@ -141,3 +141,19 @@ def test_job_ids():
     for bad in ["", "12;rm", "$(x)", "123_[1-2]"]:
         with pytest.raises(SlurmParseError):
             split_job_id(bad)
+
+
+def test_range_lines_never_override_a_tasks_own_line():
+    """Recorded from sacct after cancelling an array whose task 1 had failed: the range line
+    names all tasks, including the two that ran."""
+    text = (
+        "551_0|552|wrap|CANCELLED by 1001|0:0|00:00:01|1|local1|None|2026-11-21T11:48:18|2026-11-21T11:48:19|2026-11-21T11:48:20\n"
+        "551_1|553|wrap|FAILED|7:0|00:00:00|0|local1|None|2026-11-21T11:48:18|2026-11-21T11:48:19|2026-11-21T11:48:19\n"
+        "551_[0-5%2]|551|wrap|CANCELLED by 1001|0:0|00:00:00|0|None assigned|None|2026-11-21T11:48:18|None|2026-11-21T11:48:20\n"
+    )
+    tasks = {r.array_task: r for r in parse_sacct(text)}
+    assert sorted(tasks) == [0, 1, 2, 3, 4, 5]
+    assert tasks[1].state.state is SlurmState.FAILED and tasks[1].state.exit_code == 7
+    assert tasks[0].state.state is SlurmState.CANCELLED
+    assert all(tasks[t].state.state is SlurmState.CANCELLED for t in (2, 3, 4, 5))
+    assert all(r.state.restarts == 0 for r in tasks.values())

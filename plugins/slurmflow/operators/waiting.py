@@ -126,7 +126,7 @@ class BlockingWaiter:
         """The end of the failed job's (or first failed array task's) log."""
         if not self.log_pattern:
             return ""
-        task = snap.progress.failed_tasks[0] if snap.progress and snap.progress.failed_tasks else None
+        task = snap.first_failed_task
         path = expand_log_path(self.log_pattern, self.job_id, task, user=self.user, job_name=self.job_name)
         if path is None:
             return ""

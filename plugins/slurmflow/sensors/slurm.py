@@ -131,7 +131,7 @@ class SlurmJobSensor(BaseSensorOperator):
         from slurmflow.logs import tail_lines
         from slurmflow.sbatch import expand_log_path
 
-        task = snap.progress.failed_tasks[0] if snap.progress and snap.progress.failed_tasks else None
+        task = snap.first_failed_task
         path = expand_log_path(self.log_path, snap.job_id, task)
         try:
             return tail_lines(self.hook.tail(path), 50) if path else ""

@@ -254,9 +254,7 @@ class SlurmJobTrigger(BaseTrigger):
         """The end of the log of the failed job (or of the first failed array task)."""
         if not self.log_pattern:
             return ""
-        task = None
-        if snap.progress and snap.progress.failed_tasks:
-            task = snap.progress.failed_tasks[0]
+        task = snap.first_failed_task
         path = expand_log_path(self.log_pattern, self.job_id, task, user=self.user, job_name=self.job_name)
         if path is None:
             return ""
