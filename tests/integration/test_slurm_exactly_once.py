@@ -96,3 +96,31 @@ def test_manual_clear_cancels_the_running_job_and_submits_a_fresh_one(slurm_conn
     assert new != old and ti.xcom[XCOM_JOB_KEY]["generation"] == 1
     assert ti.xcom[XCOM_JOB_KEY]["job_dir"].endswith("/cleared/g1")
     wait_state(stack_env, old, {"CANCELLED"})
+
+
+@pytest.mark.slow
+def test_after_min_job_age_sacct_answers_and_the_result_is_reused(slurm_conn, stack_env):
+    """Once the controller forgot the job (MinJobAge), state and the exactly-once lookup come
+    from accounting: a restarted task still reuses the result instead of running again."""
+    import time
+
+    from slurmflow.hooks.slurm import SlurmHook
+
+    run_id = new_run_id()
+    first, _ = run_to_completion(make_operator(slurm_conn, task_id="aged", command="echo ok"),
+                                 LiveTI("it_once", run_id, "aged"))
+    job_id = first["job_id"]
+    deadline = time.monotonic() + 150
+    while time.monotonic() < deadline:
+        if "Invalid job id" in live.ssh(stack_env, f"squeue -h -j {job_id}").stderr:
+            break
+        time.sleep(5)
+    else:
+        pytest.fail(f"job {job_id} never left squeue")
+    hook = SlurmHook()
+    snap = hook.get_states([job_id])[job_id]
+    assert snap.source == "sacct" and snap.state.state.value == "COMPLETED"
+    assert hook.command_counts == {"squeue": 1, "sacct": 1}
+    ti = LiveTI("it_once", run_id, "aged", try_number=2, max_tries=0)
+    again, _ = run_to_completion(make_operator(slurm_conn, task_id="aged", command="echo ok"), ti)
+    assert ti.xcom[XCOM_JOB_KEY]["action"] == "reused" and again["job_id"] == job_id
