@@ -199,3 +199,41 @@ def test_borehole_table():
         }.items()
     }
     assert 70 < float(borehole(nominal)[0]) < 80  # the textbook value at the range midpoints is ~72.9
+
+
+def test_requeue_job_calls_scontrol_and_reports_refusal(tmp_path, monkeypatch):
+    from hpctrain.preemption import requeue_job
+
+    record = tmp_path / "calls"
+    scontrol = tmp_path / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {record}\nexit ${{FAKE_RC:-0}}\n')
+    scontrol.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    assert requeue_job({"SLURM_JOB_ID": "77"}) is True
+    monkeypatch.setenv("FAKE_RC", "1")
+    assert (
+        requeue_job({"SLURM_ARRAY_JOB_ID": "70", "SLURM_ARRAY_TASK_ID": "3", "SLURM_JOB_ID": "77"}) is False
+    )
+    assert record.read_text().splitlines() == ["requeue 77", "requeue 70_3"]
+    assert requeue_job({}) is False  # not under Slurm: nothing to requeue
+
+
+def test_console_script_and_module_entry_points(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(sys.executable).with_name("hpctrain")
+    out = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "fit" in out.stdout and "upload" in out.stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "hpctrain", "upload", "--job-dir", tmp_path],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2 and "no offline MLflow store" in out.stderr
+    out = subprocess.run(
+        [sys.executable, "-m", "hpctrain", "nope"], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 2 and "unknown command" in out.stderr

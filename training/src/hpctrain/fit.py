@@ -157,6 +157,8 @@ class FitJob:
         if self.job.last_checkpoint.exists():
             self.resumed_from = str(self.job.last_checkpoint)
             log.info("resuming from %s", self.resumed_from)
+            # A resumed job's checkpoint directory is not empty by design.
+            warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
         self._start_tracking()
         self.trainer.fit(self.model, datamodule=self.datamodule, ckpt_path=self.resumed_from)
         if self.trainer.interrupted:
