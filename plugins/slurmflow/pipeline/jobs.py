@@ -48,7 +48,7 @@ class Site:
     extra_env: Mapping[str, str] = field(default_factory=dict)
 
 
-def training_argv(params: Mapping[str, Any], extra: Sequence[str] = ()) -> list[str]:
+def training_argv(params: Mapping[str, Any]) -> list[str]:
     """``python -m hpctrain fit`` with the task's config and the Params as CLI overrides."""
     task = params["task"]
     argv = [
@@ -66,7 +66,7 @@ def training_argv(params: Mapping[str, Any], extra: Sequence[str] = ()) -> list[
                  f"--data.mongo={json.dumps(mongo, sort_keys=True)}"]
     else:
         argv += [f"--model.width={width}", f"--data.seed={int(params['data_seed'])}"]
-    return argv + list(extra)
+    return argv
 
 
 def sbatch_options(params: Mapping[str, Any], site: Site, array: str | None = None) -> dict[str, Any]:
@@ -91,32 +91,31 @@ def sbatch_options(params: Mapping[str, Any], site: Site, array: str | None = No
     return opts
 
 
-def training_job(params: Mapping[str, Any], image: str, site: Site, *, array: str | None = None,
-                 extra_args: Sequence[str] = ()) -> dict[str, Any]:
-    """The full job: ``{"command", "sbatch_options", "environment", "runtime"}``.
+def container_options(params: Mapping[str, Any], site: Site) -> dict[str, Any]:
+    """Keyword arguments of :func:`~slurmflow.runtimes.container_command` for a training job."""
+    multi = int(params["nodes"]) * int(params["ntasks_per_node"]) > 1
+    env = {"MLFLOW_TRACKING_URI": site.tracking_uri, "MONGO_URI": site.mongo_uri, **site.extra_env}
+    return {
+        "gpus": int(params.get("gpus_per_node") or 0) > 0,
+        "binds": ["$SLURMFLOW_JOB_DIR"],
+        "env": {k: v for k, v in env.items() if v},
+        "pass_env": ["SLURMFLOW_JOB_DIR", "HPCTRAIN_JOB_DIR", *SECRET_NAMES],
+        "auth_dir": site.auth_dir,
+        "insecure_registry": site.insecure_registry,
+        "run_args": list(site.run_args),
+        # One process per Slurm task for DDP: srun starts them, Lightning's SLURMEnvironment wires them.
+        "launcher": ["srun", "--kill-on-bad-exit=1"] if multi else [],
+    }
+
+
+def training_job(params: Mapping[str, Any], image: str, site: Site) -> dict[str, Any]:
+    """The full job: ``{"command", "sbatch_options", "runtime"}``.
 
     :param params: the run's validated Params (see :mod:`slurmflow.pipeline.params`).
     :param image: ``registry/repo@sha256:...`` from the image task.
     :param site: the cluster's settings.
-    :param array: ``--array`` spec for a sweep; trials pick their arguments by task id.
-    :param extra_args: more ``hpctrain fit`` arguments (e.g. the sweep's per-trial dispatcher).
     """
     runtime = params.get("container_runtime") or site.runtime
-    multi = int(params["nodes"]) * int(params["ntasks_per_node"]) > 1
-    env = {"MLFLOW_TRACKING_URI": site.tracking_uri, "MONGO_URI": site.mongo_uri, **site.extra_env}
-    command = container_command(
-        runtime,
-        image,
-        training_argv(params, extra_args),
-        gpus=int(params.get("gpus_per_node") or 0) > 0,
-        binds=["$SLURMFLOW_JOB_DIR"],
-        workdir="$SLURMFLOW_JOB_DIR",
-        env={k: v for k, v in env.items() if v},
-        pass_env=["SLURMFLOW_JOB_DIR", "HPCTRAIN_JOB_DIR", *SECRET_NAMES],
-        auth_dir=site.auth_dir,
-        insecure_registry=site.insecure_registry,
-        run_args=list(site.run_args),
-        # One process per Slurm task for DDP: srun starts them, Lightning's SLURMEnvironment wires them.
-        launcher=["srun", "--kill-on-bad-exit=1"] if multi else [],
-    )
-    return {"command": command, "sbatch_options": sbatch_options(params, site, array), "runtime": runtime}
+    command = container_command(runtime, image, training_argv(params), workdir="$SLURMFLOW_JOB_DIR",
+                                **container_options(params, site))
+    return {"command": command, "sbatch_options": sbatch_options(params, site), "runtime": runtime}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+import re
 import stat
 from collections.abc import Mapping
 from pathlib import Path
@@ -60,13 +61,19 @@ def collect(ssh_client: Any, job_dir: str, local_dir: Path) -> dict[str, Any]:
     return manifest
 
 
+_PARAM_KEY = re.compile(r"^[\w\-. :/]+$")  # what MLflow accepts in a param name
+
+
 def flatten(value: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"model": {"lr": 1}}`` -> ``{"model.lr": 1}``; lists become JSON."""
+    """``{"model": {"lr": 1}}`` -> ``{"model.lr": 1}``; lists, and mappings whose keys MLflow
+    would refuse (a Mongo query's ``$lte``), become JSON values."""
     flat: dict[str, Any] = {}
     for key, item in value.items():
         name = f"{prefix}{key}"
-        if isinstance(item, Mapping):
+        if isinstance(item, Mapping) and all(_PARAM_KEY.match(str(k)) for k in item):
             flat.update(flatten(item, f"{name}."))
+        elif isinstance(item, Mapping):
+            flat[name] = json.dumps(item, sort_keys=True, default=str)
         else:
             flat[name] = json.dumps(item) if isinstance(item, list | tuple) else item
     return flat
@@ -109,9 +116,11 @@ def register(
     extra_tags: Mapping[str, str] | None = None,
     gpus_per_node: int = 0,
     mlflow: MlflowHook | None = None,
+    register_model: bool = True,
 ) -> dict[str, Any]:
-    """Put one finished training into MLflow (run + model version), idempotently.
+    """Put one finished training into MLflow (run, and a model version), idempotently.
 
+    :param register_model: False logs the run only (a sweep registers just its best trial).
     :return: ``run_id``, ``experiment``, ``model_name``, ``model_version``, ``run_url``,
         ``model_url``, ``metrics``.
     """
@@ -133,17 +142,21 @@ def register(
         params=flatten(manifest.get("hyperparameters") or {}), metrics=metrics, tags=tags,
         artifacts={"slurm": script, "result": local_dir / "result.json"}, run_id=run_id,
     )
-    version = mlflow.register_model(model_name, run_id, "model", {**tags, "slurmflow.run_key": run_key})
     exp_id = mlflow.client.get_run(run_id).info.experiment_id
-    return {
+    result = {
         "run_id": run_id,
         "experiment": experiment,
         "model_name": model_name,
-        "model_version": version,
+        "model_version": None,
         "run_url": mlflow.ui_url(f"experiments/{exp_id}/runs/{run_id}"),
-        "model_url": mlflow.ui_url(f"models/{model_name}/versions/{version}"),
+        "model_url": None,
         "metrics": metrics,
+        "tags": tags,
     }
+    if register_model:
+        version = mlflow.register_model(model_name, run_id, "model", {**tags, "slurmflow.run_key": run_key})
+        result.update(model_version=version, model_url=mlflow.ui_url(f"models/{model_name}/versions/{version}"))
+    return result
 
 
 def catalog_record(catalog: RunCatalogHook, run_key: str, state: str, *, job: Mapping[str, Any] | None = None,

@@ -75,12 +75,12 @@ def _slurm_hook():
 
 
 @task(task_id="preflight")
-def preflight(params: dict[str, Any] | None = None) -> str:
+def preflight() -> str:
     """``sbatch --test-only`` with the run's resources: a bad partition/account/QOS fails here,
     before an image is built or anything is queued."""
     from slurmflow.sbatch import build_script, render_script
 
-    params = params or get_current_context()["params"]
+    params = get_current_context()["params"]
     hook = _slurm_hook()
     job_dir = f"{hook.job_root}/preflight/{uuid.uuid4().hex}"
     script = build_script(command="true", job_name="slurmflow-preflight", job_dir=job_dir,
@@ -92,32 +92,68 @@ def preflight(params: dict[str, Any] | None = None) -> str:
         hook.remove(job_dir)
 
 
-@task(task_id="job_spec")
-def job_spec(image: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The job's command and resources for this run's Params and pinned image.
-
-    Also stages the registry credentials for the cluster user (mode 600), so the job can pull.
-    """
+def _stage_registry_auth(hook: Any) -> str:
+    """Give the cluster user the registry credentials jobs pull with (mode-700 dir, mode-600 files)."""
     from slurmflow.hooks.registry import RegistryHook
 
-    params = params or get_current_context()["params"]
-    hook = _slurm_hook()
     auth_dir = f"{hook.home}/{AUTH_DIR}"
     hook.make_dirs([auth_dir])
     hook.run(["chmod", "700", auth_dir])
     for name, content in RegistryHook("registry_default").job_auth_files().items():
         hook.upload(f"{auth_dir}/{name}", content, mode=0o600)
+    return auth_dir
+
+
+@task(task_id="job_spec")
+def job_spec(image: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The job's command and resources for this run's Params and pinned image.
+
+    :param overrides: Param values the DAG fixes (templated, e.g. the nightly data window).
+    """
+    params = {**get_current_context()["params"], **(overrides or {})}
+    hook = _slurm_hook()
+    _stage_registry_auth(hook)
     return training_job(params, image, site_settings(hook.home))
 
 
+@task(task_id="plan_trials")
+def plan_trials() -> list[dict[str, Any]]:
+    """The sweep's trials from the search space in the Params (grid, or seeded random)."""
+    from slurmflow.pipeline.sweep import plan_trials as plan
+
+    p = get_current_context()["params"]
+    try:
+        return plan(p["search_space"], p["search_strategy"], int(p["n_trials"]), int(p["search_seed"]))
+    except ValueError as exc:
+        raise AirflowFailException(f"invalid search space: {exc}") from exc
+
+
+@task(task_id="job_spec")
+def sweep_job_spec(image: str, trials: list[dict[str, Any]], overrides: dict[str, Any] | None = None) -> dict:
+    """One job array for all trials, throttled to ``max_parallel`` running at once."""
+    from slurmflow.pipeline.jobs import container_options
+    from slurmflow.pipeline.sweep import array_command, array_spec
+
+    params = {**get_current_context()["params"], **(overrides or {})}
+    hook = _slurm_hook()
+    _stage_registry_auth(hook)
+    site = site_settings(hook.home)
+    runtime = params.get("container_runtime") or site.runtime
+    return {
+        "command": array_command(params, trials, image, site, runtime, **container_options(params, site)),
+        "sbatch_options": sbatch_options(params, site, array=array_spec(len(trials), int(params["max_parallel"]))),
+        "runtime": runtime,
+    }
+
+
 @task(task_id="register", retries=2)
-def register(job: dict[str, Any], image: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+def register(job: dict[str, Any], image: str) -> dict[str, Any]:
     """Copy the results off the cluster, then log + register them in MLflow (idempotent)."""
     from slurmflow.pipeline.results import collect
     from slurmflow.pipeline.results import register as register_run
 
     context = get_current_context()
-    params = params or context["params"]
+    params = context["params"]
     hook = _slurm_hook()
     with tempfile.TemporaryDirectory(prefix="slurmflow-results-") as tmp:
         local = Path(tmp)
@@ -132,7 +168,121 @@ def register(job: dict[str, Any], image: str, params: dict[str, Any] | None = No
         )
     context["ti"].xcom_push(key="mlflow_run_url", value=result["run_url"])
     context["ti"].xcom_push(key="mlflow_model_url", value=result["model_url"])
-    return {**result, "data": manifest.get("data"), "slurm": manifest.get("slurm")}
+    return {**result, "data": manifest.get("data"), "slurm": manifest.get("slurm"),
+            "data_spec": (manifest.get("hyperparameters") or {}).get("data"),
+            "monitor": manifest.get("monitor")}
+
+
+@task(task_id="register", retries=2)
+def register_sweep(job: dict[str, Any], image: str, trials: list[dict[str, Any]]) -> dict[str, Any]:
+    """Log every trial as an MLflow run, register the best trial's model, log a summary run with
+    the metric-vs-hyperparameter plot. Idempotent like :func:`register`."""
+    import json
+
+    from slurmflow.hooks.mlflow import MlflowHook
+    from slurmflow.pipeline.results import collect
+    from slurmflow.pipeline.results import register as register_run
+    from slurmflow.pipeline.sweep import best_trial, plot_trials
+
+    context = get_current_context()
+    params, dag_id, dag_run = context["params"], context["dag"].dag_id, context["run_id"]
+    model_name = params.get("model_name") or f"slurmflow-{params['task']}"
+    hook, mlflow = _slurm_hook(), MlflowHook()
+    script = hook.run(["cat", job["script_path"]]).stdout
+    results, monitor = [], {}
+    with tempfile.TemporaryDirectory(prefix="slurmflow-sweep-") as tmp:
+        ssh = hook.ssh_hook.get_conn()
+        for i, trial in enumerate(trials):
+            local = Path(tmp) / f"trial-{i}"
+            local.mkdir()
+            manifest = collect(ssh, f"{job['job_dir']}/trial-{i}", local)
+            monitor = manifest.get("monitor") or monitor
+            reg = register_run(manifest, local, run_key=run_key(context, map_index=i), model_name=model_name,
+                               job={**job, "job_dir": f"{job['job_dir']}/trial-{i}"}, image=image,
+                               sbatch_script=script, register_model=False, mlflow=mlflow,
+                               extra_tags={"airflow.dag_id": dag_id, "airflow.run_id": dag_run,
+                                           "slurmflow.sweep": f"{dag_id}/{dag_run}", "slurmflow.trial": str(i)})
+            results.append({"trial": i, "params": trial, "run_id": reg["run_id"], "run_url": reg["run_url"],
+                            "metrics": reg["metrics"], "experiment": reg["experiment"]})
+        metric = f"best/{monitor.get('metric') or 'val/loss'}"
+        best = best_trial(results, metric, monitor.get("mode") or "min")
+        version = mlflow.register_model(model_name, best["run_id"], "model",
+                                        {"slurmflow.sweep": f"{dag_id}/{dag_run}", "slurmflow.trial": str(best["trial"]),
+                                         "slurm.job_id": str(job["job_id"]), "image": image})
+        plot = plot_trials(results, metric, str(Path(tmp) / "metric_vs_hyperparameters.png"))
+        (Path(tmp) / "trials.json").write_text(json.dumps(results, indent=2))
+        summary = mlflow.log_training(
+            experiment=best["experiment"], run_key=f"{dag_id}/{dag_run}/sweep", run_name=f"sweep {dag_run}",
+            params={"search_space": json.dumps(params["search_space"], sort_keys=True),
+                    "search_strategy": params["search_strategy"], "trials": len(trials)},
+            metrics={metric: best["metrics"][metric]},
+            tags={"slurmflow.sweep": f"{dag_id}/{dag_run}", "slurm.job_id": str(job["job_id"]), "image": image,
+                  "best_trial": str(best["trial"]), "best_run_id": best["run_id"]},
+            artifacts={"plots": plot, "sweep": Path(tmp) / "trials.json"},
+        )
+    context["ti"].xcom_push(key="mlflow_run_url", value=mlflow.ui_url(f"experiments/-/runs/{summary}"))
+    context["ti"].xcom_push(key="mlflow_model_url", value=mlflow.ui_url(f"models/{model_name}/versions/{version}"))
+    return {"trials": results, "best": best, "metric": metric, "model_name": model_name, "model_version": version,
+            "summary_run_id": summary}
+
+
+@task(task_id="catalog_sweep", retries=2)
+def catalog_sweep(sweep: dict[str, Any]) -> dict[str, Any]:
+    """One catalog document summarising the sweep and its trials (upserted by sweep key)."""
+    from slurmflow.hooks.catalog import RunCatalogHook
+
+    context = get_current_context()
+    ti = context["ti"]
+    key = f"{context['dag'].dag_id}/{context['run_id']}"
+    doc = RunCatalogHook().record_sweep(key, {
+        "dag_id": context["dag"].dag_id, "run_id": context["run_id"], "params": dict(context["params"]),
+        "slurm": ti.xcom_pull(task_ids="train"), "image": ti.xcom_pull(task_ids="build_image"),
+        "metric": sweep["metric"], "trials": sweep["trials"], "best_trial": sweep["best"]["trial"],
+        "mlflow": {"model_name": sweep["model_name"], "model_version": sweep["model_version"],
+                   "summary_run_id": sweep["summary_run_id"]},
+    })
+    return {"sweep_key": doc["sweep_key"], "trials": len(doc["trials"]), "best_trial": doc["best_trial"]}
+
+
+@task(task_id="evaluate_and_promote", retries=1)
+def evaluate_and_promote(registration: dict[str, Any], alias: str, margin: float,
+                         holdout_query: dict[str, Any]) -> dict[str, Any]:
+    """Evaluate challenger and champion on the same held-out data; move ``alias`` only to a clear winner.
+
+    Idempotent per run: when the challenger already holds the alias, nothing changes. The decision
+    and its reason are tagged on the challenger's model version.
+    """
+    import copy
+    import os
+
+    from airflow.providers.mongo.hooks.mongo import MongoHook
+    from slurmflow.hooks.mlflow import MlflowHook
+    from slurmflow.pipeline.promotion import decide, evaluate_version
+
+    margin = float(margin)  # templated: arrives as a string
+    mlflow = MlflowHook()
+    name, version = registration["model_name"], registration["model_version"]
+    monitor = registration.get("monitor") or {}
+    metric, mode = monitor.get("metric") or "val/loss", monitor.get("mode") or "min"
+    spec = copy.deepcopy(registration["data_spec"])
+    spec["init_args"]["mongo"]["query"] = holdout_query
+    os.environ[spec["init_args"]["mongo"].get("uri_env") or "MONGO_URI"] = MongoHook().uri
+    champion = mlflow.version_by_alias(name, alias)
+    if champion is not None and champion.version == version:
+        return {"promote": True, "reason": "already the champion (re-run)", "champion_version": version}
+    challenger_value = evaluate_version(mlflow.client, name, version, spec)["metrics"][metric]
+    champion_value = None
+    if champion is not None:
+        champion_value = evaluate_version(mlflow.client, name, champion.version, spec)["metrics"][metric]
+    decision = decide(metric, mode, challenger_value, champion_value, margin)
+    for key, value in (("promotion.decision", "promoted" if decision.promote else "rejected"),
+                       ("promotion.reason", decision.reason),
+                       ("promotion.holdout_metric", f"{metric}={challenger_value:.6g}")):
+        mlflow.client.set_model_version_tag(name, version, key, value)
+    if decision.promote:
+        mlflow.set_alias(name, alias, version)
+    return {**decision.as_dict(), "challenger_version": version,
+            "champion_version": version if decision.promote else champion.version}
 
 
 @task(task_id="catalog", retries=2, trigger_rule="all_done")
@@ -152,6 +302,9 @@ def catalog(train_task: str = "train", register_task: str = "register", image_ta
     key = run_key(context)
     hook = RunCatalogHook()
     common = {"dag_id": context["dag"].dag_id, "run_id": context["run_id"], "params": dict(context["params"])}
+    promotion = ti.xcom_pull(task_ids="evaluate_and_promote")
+    if promotion:
+        common["promotion"] = promotion
     if job:
         catalog_record(hook, key, "submitted", job=job, image=image, extra=common)
     if job and job.get("state") == "COMPLETED":
