@@ -15,7 +15,6 @@ from tests.integration.test_slurm_fixtures import (
     make_operator,
     new_run_id,
     run_to_completion,
-    sacct_jobs_named,
     sacct_settled,
     start,
     wait_state,
@@ -79,8 +78,9 @@ def test_dropped_connection_after_sbatch_does_not_duplicate(slurm_conn, stack_en
     _, deferred = start(op, ti)
     assert isinstance(deferred, TaskDeferred)
     assert ti.xcom[XCOM_JOB_KEY]["action"] == "attached"
-    jobs = sacct_jobs_named(stack_env, name)
-    assert len(jobs) == 1 and jobs[0][0] == deferred.trigger.job_id
+    # Accounting learns of a new job a moment later: wait until it has the (short) job's end.
+    jobs = sacct_settled(stack_env, name, ["COMPLETED"], timeout=40)
+    assert jobs == [(deferred.trigger.job_id, "COMPLETED")]
 
 
 def test_manual_clear_cancels_the_running_job_and_submits_a_fresh_one(slurm_conn, stack_env):
