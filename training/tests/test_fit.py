@@ -157,3 +157,31 @@ def test_deepcam_segmentation_fit_and_export(hpctrain, tmp_path):
     dm = ClimateSegmentationDataModule(num_samples=24, height=32, width=32, seed=0)
     dm.setup()
     assert dm.data_identity()["sha256"] == m["data"]["sha256"]
+
+
+def test_history_rows_hold_each_epochs_own_metrics(hpctrain, borehole_csv, tmp_path):
+    job = tmp_path / "job"
+    assert (
+        hpctrain(
+            "fit",
+            *SURROGATE_TINY,
+            f"--data.path={borehole_csv}",
+            "--trainer.max_epochs=3",
+            "--run.tracking=offline",
+            "--trainer.log_every_n_steps=1",
+            f"--run.job_dir={job}",
+        )
+        == 0
+    )
+    m = load_manifest(job)
+    from hpctrain.tracking import allow_file_store
+    from mlflow.tracking import MlflowClient
+
+    with allow_file_store():
+        client = MlflowClient((job / "mlruns-offline").as_uri())
+        logged = client.get_metric_history(m["mlflow"]["run_id"], "train/loss_epoch")
+    by_step = {metric.step: metric.value for metric in logged}
+    rows = m["metrics"]["history"]
+    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    # every row carries the epoch mean logged at that epoch's end, not the previous epoch's
+    assert [pytest.approx(r["train/loss_epoch"]) for r in rows] == [by_step[r["step"] - 1] for r in rows]

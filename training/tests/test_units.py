@@ -237,3 +237,19 @@ def test_console_script_and_module_entry_points(tmp_path):
         [sys.executable, "-m", "hpctrain", "nope"], capture_output=True, text=True, timeout=60
     )
     assert out.returncode == 2 and "unknown command" in out.stderr
+
+
+def test_tracking_target_keeps_an_earlier_offline_run(tmp_path, monkeypatch):
+    from hpctrain.tracking import TrackingTarget, choose_target, remember_run
+
+    job = JobDir(tmp_path).create()
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    first = choose_target(job, "auto")
+    assert first.mode == "offline" and first.run_id is None and "unset" in first.reason
+    remember_run(job, first, "abc123", "1")
+    # a later attempt on a node that can reach a (here: file-based) server keeps the offline run
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file:{tmp_path / 'elsewhere'}")
+    again = choose_target(job, "auto")
+    assert (again.mode, again.run_id) == ("offline", "abc123")
+    assert choose_target(job, "online").mode == "online"  # unless the config insists
+    assert choose_target(job, "off") == TrackingTarget("off", None, "tracking disabled (run.tracking=off)")

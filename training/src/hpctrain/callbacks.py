@@ -104,22 +104,34 @@ class EpochHistory(Callback):
     def __init__(self) -> None:
         self.rows: list[dict[str, Any]] = []
 
-    def _row(self, trainer: pl.Trainer) -> dict[str, Any]:
-        if not self.rows or self.rows[-1]["epoch"] != trainer.current_epoch:
-            self.rows.append({"epoch": trainer.current_epoch})
+    def _row(self, epoch: int) -> dict[str, Any]:
+        for row in self.rows:
+            if row["epoch"] == epoch:
+                return row
+        self.rows.append({"epoch": epoch})
         return self.rows[-1]
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        row = self._row(trainer)
+        row = self._row(trainer.current_epoch)
         row.update(_floats(trainer.callback_metrics, "val/"))
         row["step"] = trainer.global_step
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        row = self._row(trainer)
+    def _record_train_loss(self, trainer: pl.Trainer, epoch: int) -> None:
+        # The task logs train/loss_epoch in its own on_train_epoch_end, which Lightning calls
+        # after the callbacks' hook: the value of epoch e is visible from the start of e + 1.
+        if epoch < 0 or "train/loss_epoch" not in trainer.callback_metrics:
+            return
+        row = self._row(epoch)
+        row.setdefault("step", trainer.global_step)
         row.update(_floats(trainer.callback_metrics, "train/loss_epoch"))
-        row["step"] = trainer.global_step
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._record_train_loss(trainer, trainer.current_epoch - 1)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._record_train_loss(trainer, trainer.current_epoch - 1)
 
     def best(self, monitor: str, mode: str) -> dict[str, Any] | None:
         """The row with the best ``monitor`` value (``None`` if never validated)."""

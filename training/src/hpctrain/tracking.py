@@ -128,6 +128,11 @@ def choose_target(
     if setting == "offline" or not uri:
         offline.reason = "run.tracking=offline" if setting == "offline" else "MLFLOW_TRACKING_URI unset"
         target = offline
+    elif setting == "auto" and previous.get("mode") == "offline" and previous.get("run_id"):
+        # An earlier attempt of this job logged offline: keep logging into that run, so the job
+        # stays one run (uploaded later) instead of being split over two stores.
+        offline.reason = "continuing the offline run of an earlier attempt"
+        target = offline
     elif not uri.startswith(("http://", "https://")):
         target = TrackingTarget("online", uri, "local tracking URI, no probe needed")
     else:
