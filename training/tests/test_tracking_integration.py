@@ -96,6 +96,7 @@ def test_online_run_logs_live(hpctrain, borehole_csv, tmp_path, stack_env, mlflo
             *SURROGATE_TINY,
             f"--data.path={borehole_csv}",
             f"--run.experiment={experiment}",
+            "--trainer.max_epochs=1",
             f"--run.job_dir={job}",
             "--run.tags={team: climate}",
         )

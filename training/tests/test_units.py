@@ -227,16 +227,16 @@ def test_console_script_and_module_entry_points(tmp_path):
     out = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "fit" in out.stdout and "upload" in out.stdout
     out = subprocess.run(
-        [sys.executable, "-m", "hpctrain", "upload", "--job-dir", tmp_path],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert out.returncode == 2 and "no offline MLflow store" in out.stderr
-    out = subprocess.run(
         [sys.executable, "-m", "hpctrain", "nope"], capture_output=True, text=True, timeout=60
     )
     assert out.returncode == 2 and "unknown command" in out.stderr
+
+
+def test_upload_command_without_offline_store(tmp_path, capsys):
+    from hpctrain.cli import main
+
+    assert main(["upload", "--job-dir", str(tmp_path), "--tracking-uri", "http://127.0.0.1:9"]) == 2
+    assert "no offline MLflow store" in capsys.readouterr().err
 
 
 def test_tracking_target_keeps_an_earlier_offline_run(tmp_path, monkeypatch):
