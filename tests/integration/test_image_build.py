@@ -1,8 +1,9 @@
 """Content-addressed build -> push -> registry lookup, against the local stack's dockerd and registry.
 
-The training image is built once per session (the first ensure_image; later calls, here and in
-test_image_runtimes.py, take the unchanged-content path). The wheelhouse is prepared first if
-missing (scripts/wheelhouse.sh, offline when it already exists).
+The build inputs are snapshotted once per module (training/ is edited concurrently by others;
+a snapshot keeps "unchanged content" unchanged), and the training image is built once from it:
+later calls take the unchanged-content path. The wheelhouse is prepared first if missing
+(scripts/wheelhouse.sh, offline when it already exists) and hard-linked into the snapshot.
 """
 
 from __future__ import annotations
@@ -53,10 +54,44 @@ def wheelhouse() -> Path:
     return path
 
 
+def copy_context(dst: Path, src: Path = REPO) -> BuildContext:
+    """A private copy of the build inputs; the wheelhouse is hard-linked (300 MB, no copy)."""
+    ignore = shutil.ignore_patterns(*DEFAULT_EXCLUDES)
+    shutil.copytree(src / "training", dst / "training", ignore=ignore)
+    (dst / "docker").mkdir()
+    for name in ("training.Dockerfile", "requirements.lock"):
+        shutil.copy2(src / "docker" / name, dst / "docker" / name)
+    shutil.copytree(src / "wheelhouse", dst / "wheelhouse", copy_function=os.link)
+    return BuildContext(dst)
+
+
 @pytest.fixture(scope="module")
-def built(registry_conn: str, wheelhouse: Path, stack_env: dict[str, str]) -> ImageResult:
-    """The training image of the working tree, in the registry (built here if it was not)."""
-    return ImageBuildHook(registry_conn).ensure_image(BuildContext(REPO), REPOSITORY, stack_env["BASE_IMAGE"])
+def snapshot(wheelhouse: Path, tmp_path_factory: pytest.TempPathFactory) -> BuildContext:
+    return copy_context(tmp_path_factory.mktemp("image-context"))
+
+
+@pytest.fixture(scope="module")
+def built(registry_conn: str, snapshot: BuildContext, stack_env: dict[str, str]) -> ImageResult:
+    """The training image of the snapshot, in the registry (built here if it was not)."""
+    return ImageBuildHook(registry_conn).ensure_image(snapshot, REPOSITORY, stack_env["BASE_IMAGE"])
+
+
+def _local(hook: ImageBuildHook, result: ImageResult) -> dict:
+    """``docker inspect`` of the image, pulled by digest first if the daemon lacks the reference
+    (another test session on the same daemon may have removed it)."""
+    from docker.errors import ImageNotFound
+
+    try:
+        return hook.client.inspect_image(result.image)
+    except ImageNotFound:
+        name = result.image.split("@")[0]
+        auth = hook.registry.docker_auth_config()
+        list(hook.client.pull(name, tag=result.digest, stream=True, decode=True, auth_config=auth))
+        return hook.client.inspect_image(result.image)
+
+
+def _layers(hook: ImageBuildHook, result: ImageResult) -> list[str]:
+    return _local(hook, result)["RootFS"]["Layers"]
 
 
 def test_build_push_and_registry_lookup(built: ImageResult, registry_conn: str, stack_env: dict) -> None:
@@ -68,16 +103,24 @@ def test_build_push_and_registry_lookup(built: ImageResult, registry_conn: str, 
 
 
 def test_unchanged_content_same_tag_no_build_under_two_seconds(
-    built: ImageResult, registry_conn: str, stack_env: dict
+    built: ImageResult,
+    snapshot: BuildContext,
+    registry_conn: str,
+    stack_env: dict,
+    capfd: pytest.CaptureFixture,
 ) -> None:
     hook = ImageBuildHook(registry_conn)
-    again = hook.ensure_image(BuildContext(REPO), REPOSITORY, stack_env["BASE_IMAGE"])
+    again = hook.ensure_image(snapshot, REPOSITORY, stack_env["BASE_IMAGE"])
     assert (again.built, again.pushed) == (False, False)
     assert (again.tag, again.digest) == (built.tag, built.digest)
     assert again.seconds < 2.0
+    logged = "".join(capfd.readouterr())
+    assert "nothing to build" in logged  # the hook's log lines are where capfd looks
+    assert stack_env["REGISTRY_PASSWORD"] not in logged
 
 
-def test_image_runs_the_training_cli_as_non_root(built: ImageResult) -> None:
+def test_image_runs_the_training_cli_as_non_root(built: ImageResult, registry_conn: str) -> None:
+    _local(ImageBuildHook(registry_conn), built)
     proc = subprocess.run(
         [
             "docker",
@@ -99,21 +142,10 @@ def test_image_runs_the_training_cli_as_non_root(built: ImageResult) -> None:
     assert any("fit" in line for line in help_lines)
 
 
-def _copy_context(dst: Path) -> BuildContext:
-    """A private copy of the build inputs; the wheelhouse is hard-linked (300 MB, no copy)."""
-    ignore = shutil.ignore_patterns(*DEFAULT_EXCLUDES)
-    shutil.copytree(REPO / "training", dst / "training", ignore=ignore)
-    (dst / "docker").mkdir()
-    for name in ("training.Dockerfile", "requirements.lock"):
-        shutil.copy2(REPO / "docker" / name, dst / "docker" / name)
-    shutil.copytree(REPO / "wheelhouse", dst / "wheelhouse", copy_function=os.link)
-    return BuildContext(dst)
-
-
 def test_code_change_new_tag_and_only_the_code_layers_rebuilt(
-    built: ImageResult, registry_conn: str, stack_env: dict, tmp_path: Path
+    built: ImageResult, snapshot: BuildContext, registry_conn: str, stack_env: dict, tmp_path: Path
 ) -> None:
-    context = _copy_context(tmp_path)
+    context = copy_context(tmp_path, src=snapshot.root)
     hook = ImageBuildHook(registry_conn)
     # Same content in another folder: same tag (paths are relative, mtimes do not count).
     assert hook.plan(context, REPOSITORY, stack_env["BASE_IMAGE"]).ref.tag == built.tag
@@ -122,8 +154,7 @@ def test_code_change_new_tag_and_only_the_code_layers_rebuilt(
     changed = hook.ensure_image(context, REPOSITORY, stack_env["BASE_IMAGE"])
     assert changed.tag != built.tag and (changed.built, changed.pushed) == (True, True)
     assert changed.digest != built.digest
-    old_layers = hook.client.inspect_image(built.image)["RootFS"]["Layers"]
-    new_layers = hook.client.inspect_image(changed.image)["RootFS"]["Layers"]
+    old_layers, new_layers = _layers(hook, built), _layers(hook, changed)
     # Base, user and the 1.4 GB dependency venv are shared; only the code layers (copy + install) differ.
     assert len(new_layers) == len(old_layers)
     assert new_layers[:-2] == old_layers[:-2]
@@ -149,7 +180,7 @@ def test_registry_down_is_a_clear_error(stack_env: dict) -> None:
 
 
 def test_wrong_credentials_clear_error_without_the_password(
-    stack_env: dict, caplog: pytest.LogCaptureFixture
+    stack_env: dict, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture
 ) -> None:
     wrong = "not-the-Password-" + os.urandom(4).hex()
     caplog.set_level(logging.DEBUG)
@@ -161,6 +192,7 @@ def test_wrong_credentials_clear_error_without_the_password(
             )
     message = str(err.value)
     assert "rejected the credentials" in message and "registry_wrong" in message
-    for text in (message, repr(err.value.__cause__), repr(err.value.__context__), caplog.text):
+    logged = caplog.text + "".join(capfd.readouterr())  # Airflow's loggers write to the streams
+    for text in (message, repr(err.value.__cause__), repr(err.value.__context__), logged):
         assert wrong not in text
         assert stack_env["REGISTRY_PASSWORD"] not in text

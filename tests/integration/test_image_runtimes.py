@@ -4,7 +4,9 @@ Each job is submitted over SSH as the cluster user (``sbatch --wait``) with a sc
 the Slurm layer's template: job-dir variables exported, secrets sourced from a mode-600 file,
 then the ``container_command`` fragment. Registry credentials reach the job only as the
 mode-600 files of ``auth_dir``. For each runtime the first job pulls the digest, the second
-does not. charliecloud, apptainer, podman-hpc and enroot are covered by golden files and by
+does not. The image is built from a snapshot of the inputs and published under a repository of
+this session's own, so concurrent test sessions on the same daemon and registry cannot pull or
+remove it behind our back. charliecloud, apptainer, podman-hpc and enroot are covered by golden files and by
 tests/unit/test_runtimes_exec.py (ch-image cannot pull from the local plain-HTTP registry;
 the others are not installable here).
 """
@@ -15,15 +17,18 @@ import hashlib
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from slurmflow.hooks.image import ImageBuildHook, ImageResult
+import requests
+from docker.errors import ImageNotFound
+from slurmflow.hooks.image import ImageBuildHook
 from slurmflow.hooks.registry import RegistryHook
-from slurmflow.images import BuildContext
+from slurmflow.images import DEFAULT_EXCLUDES, BuildContext
 from slurmflow.runtimes import container_command
 
 pytestmark = pytest.mark.integration
@@ -94,27 +99,57 @@ def registry_conn(stack_env: dict[str, str]) -> Iterator[str]:
         yield CONN_ID
 
 
-@pytest.fixture(scope="module")
-def image(registry_conn: str, stack_env: dict[str, str]) -> ImageResult:
-    """The working tree's image, pinned (usually already pushed by test_image_build.py: no build)."""
+def snapshot_context(dst: Path) -> BuildContext:
+    """The build inputs copied aside (training/ is edited concurrently); wheels hard-linked."""
     if not any((REPO / "wheelhouse").glob("torch-*.whl")):
         subprocess.run([str(REPO / "scripts" / "wheelhouse.sh")], check=True, timeout=900)
-    return ImageBuildHook(registry_conn).ensure_image(
-        BuildContext(REPO), "slurmflow/training", stack_env["BASE_IMAGE"]
+    shutil.copytree(REPO / "training", dst / "training", ignore=shutil.ignore_patterns(*DEFAULT_EXCLUDES))
+    (dst / "docker").mkdir()
+    for name in ("training.Dockerfile", "requirements.lock"):
+        shutil.copy2(REPO / "docker" / name, dst / "docker" / name)
+    shutil.copytree(REPO / "wheelhouse", dst / "wheelhouse", copy_function=os.link)
+    return BuildContext(dst)
+
+
+@pytest.fixture(scope="module")
+def image(
+    registry_conn: str, stack_env: dict[str, str], cluster: Cluster, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """``registry/slurmflow/itest-<id>@sha256:...``: the training image under this session's repository."""
+    hook = ImageBuildHook(registry_conn)
+    context = snapshot_context(tmp_path_factory.mktemp("image-context"))
+    result = hook.ensure_image(context, "slurmflow/training", stack_env["BASE_IMAGE"])
+    try:
+        hook.client.inspect_image(result.image)
+    except ImageNotFound:  # built elsewhere, or its digest reference removed: fetch it
+        auth = hook.registry.docker_auth_config()
+        list(hook.client.pull(result.image.split("@")[0], tag=result.digest, stream=True, auth_config=auth))
+    ref = hook.repository_ref(f"slurmflow/itest-{uuid.uuid4().hex[:10]}").with_tag("job")
+    hook.client.tag(result.image, ref.name, tag=ref.tag)
+    pinned = ref.with_digest(hook.push(ref)).pinned()
+    yield pinned
+    hook.client.remove_image(str(ref))
+    subprocess.run(["docker", "rmi", pinned], capture_output=True, check=False)
+    cluster.run(f"podman rmi -f {shlex.quote(pinned)}", check=False, timeout=300)
+    requests.delete(
+        f"http://{ref.registry}/v2/{ref.repository}/manifests/{pinned.split('@')[1]}",
+        auth=(stack_env["REGISTRY_USER"], stack_env["REGISTRY_PASSWORD"]),
+        timeout=10,
     )
 
 
 @pytest.fixture(scope="module")
-def auth_dir(cluster: Cluster, stack_env: dict[str, str], registry_conn: str) -> str:
+def auth_dir(cluster: Cluster, stack_env: dict[str, str], registry_conn: str) -> Iterator[str]:
     """The job user's registry credentials, from the Airflow connection: mode-600 files, mode-700 folder."""
-    path = f"{stack_env['STACK_DIR']}/home/{stack_env['SSH_USER']}/.slurmflow/registry-auth"
+    path = f"{stack_env['STACK_DIR']}/home/{stack_env['SSH_USER']}/.slurmflow/registry-auth-{uuid.uuid4().hex[:8]}"
     for name, content in RegistryHook(registry_conn).job_auth_files().items():
         cluster.write_private(f"{path}/{name}", content)
     modes = cluster.run(
         f"stat -c '%a %n' {shlex.quote(path)} {shlex.quote(path)}/* {shlex.quote(path)}/.c*"
     ).stdout
     assert {line.split()[0] for line in modes.splitlines()} <= {"700", "600"}, modes
-    return path
+    yield path
+    cluster.run(f"rm -rf {shlex.quote(path)}", check=False)
 
 
 def submit(
@@ -189,50 +224,52 @@ def _assert_job(cluster: Cluster, rc: int, out: str, job_dir: str, secret: str) 
     assert owner == uid  # written as the job's user, not root or a container uid
 
 
-def test_docker_job_pulls_once_and_trains(cluster: Cluster, image: ImageResult, auth_dir: str) -> None:
-    # Forget the digest reference so the job must pull it (with the staged credentials); the
-    # layers stay, so the pull is quick and the builder's cache survives.
-    subprocess.run(["docker", "rmi", image.image], capture_output=True, check=False)
+def test_docker_job_pulls_once_and_trains(cluster: Cluster, image: str, auth_dir: str) -> None:
+    # Forget the digest reference so the job must pull it; the layers stay, so the pull is quick
+    # and the builder's cache survives. (dockerd needs no credentials for content it holds: the
+    # podman tests prove the staged credentials.)
+    subprocess.run(["docker", "rmi", image], capture_output=True, check=True)
     train = (
         f"{CHECK} && python -m hpctrain make-data borehole.parquet --rows 256 "
         "&& python -m hpctrain fit --config /opt/hpctrain/configs/surrogate.yaml --smoke"
     )
-    rc, out, job_dir, secret = submit(cluster, "docker", image.image, ["sh", "-c", train], auth_dir)
+    rc, out, job_dir, secret = submit(cluster, "docker", image, ["sh", "-c", train], auth_dir)
     _assert_job(cluster, rc, out, job_dir, secret)
     assert "slurmflow: pulling" in out
     result = json.loads(cluster.run(f"cat {shlex.quote(job_dir)}/result.json").stdout)
     assert result  # the training result manifest, written by `python -m hpctrain fit` in the container
 
-    rc, out, job_dir, secret = submit(cluster, "docker", image.image, ["sh", "-c", CHECK], auth_dir)
+    rc, out, job_dir, secret = submit(cluster, "docker", image, ["sh", "-c", CHECK], auth_dir)
     _assert_job(cluster, rc, out, job_dir, secret)
     assert "slurmflow: pulling" not in out
 
 
-def test_podman_rootless_job_pulls_once(cluster: Cluster, image: ImageResult, auth_dir: str) -> None:
-    cluster.run(f"podman rmi -f {shlex.quote(image.image)}", check=False)
+def test_podman_rootless_job_pulls_once(cluster: Cluster, image: str, auth_dir: str) -> None:
     options = dict(insecure_registry=True, run_args=PODMAN_SITE_ARGS)
-    rc, out, job_dir, secret = submit(
-        cluster, "podman", image.image, ["sh", "-c", CHECK], auth_dir, **options
-    )
+    rc, out, job_dir, secret = submit(cluster, "podman", image, ["sh", "-c", CHECK], auth_dir, **options)
     _assert_job(cluster, rc, out, job_dir, secret)
     assert "slurmflow: pulling" in out
 
-    rc, out, job_dir, secret = submit(
-        cluster, "podman", image.image, ["sh", "-c", CHECK], auth_dir, **options
-    )
+    rc, out, job_dir, secret = submit(cluster, "podman", image, ["sh", "-c", CHECK], auth_dir, **options)
     _assert_job(cluster, rc, out, job_dir, secret)
     assert "slurmflow: pulling" not in out
 
 
-def test_job_without_credentials_cannot_pull(cluster: Cluster, image: ImageResult, stack_env: dict) -> None:
-    """The staged auth_dir is what lets the job pull: an empty one fails the job at the pull."""
+def test_job_without_credentials_cannot_pull(cluster: Cluster, image: str, stack_env: dict) -> None:
+    """The staged auth_dir is what lets the job pull: with an empty one the job fails at the pull.
+
+    podman, not docker: dockerd serves a by-digest pull of content it already holds without
+    asking the registry, and on this machine one daemon both builds and runs.
+    """
     empty = f"{stack_env['STACK_DIR']}/home/{stack_env['SSH_USER']}/.slurmflow/no-auth-{uuid.uuid4().hex[:6]}"
     cluster.write_private(f"{empty}/config.json", "{}\n")
-    subprocess.run(["docker", "rmi", image.image], capture_output=True, check=False)
+    cluster.run(f"podman rmi -f {shlex.quote(image)}", check=False, timeout=300)  # pulled by the test above
     try:
-        rc, out, _, _ = submit(cluster, "docker", image.image, ["true"], empty)
+        rc, out, _, _ = submit(
+            cluster, "podman", image, ["true"], empty, insecure_registry=True, run_args=PODMAN_SITE_ARGS
+        )
         assert rc != 0
         assert "slurmflow: pulling" in out
-        assert "no basic auth credentials" in out or "unauthorized" in out.lower(), out
+        assert "unauthorized" in out.lower() or "authentication required" in out.lower(), out
     finally:
         cluster.run(f"rm -rf {shlex.quote(empty)}", check=False)
