@@ -6,9 +6,13 @@ import io
 import os
 import re
 import tarfile
+import tomllib
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
 from slurmflow.images import (
     DEFAULT_EXCLUDES,
     BuildContext,
@@ -175,3 +179,29 @@ def test_dockerfile_default_base_matches_the_operator_default() -> None:
 
     dockerfile = (REPO / "docker" / "training.Dockerfile").read_text()
     assert f"ARG BASE_IMAGE={DEFAULT_BASE_IMAGE}\n" in dockerfile
+
+
+def test_the_image_lock_covers_the_training_dependencies() -> None:
+    """docker/requirements.lock pins every dependency of training/ (and its build backend) in range.
+
+    Fails when training/pyproject.toml gains or narrows a dependency: run
+    ``scripts/wheelhouse.sh --lock`` and commit the new lock.
+    """
+    lock = (REPO / "docker" / "requirements.lock").read_text()
+    pins = {
+        canonicalize_name(m.group(1)): Version(m.group(2))
+        for m in re.finditer(r"^([A-Za-z0-9_.-]+)==([^\s\\]+)", lock, re.M)
+    }
+    project = tomllib.loads((REPO / "training" / "pyproject.toml").read_text())
+    wanted = [*project["project"]["dependencies"], *project["build-system"]["requires"]]
+    for text in wanted:
+        req = Requirement(text)
+        name = canonicalize_name(req.name)
+        assert name in pins, (
+            f"{req.name} is not in docker/requirements.lock: run scripts/wheelhouse.sh --lock"
+        )
+        # torch's lock entry is the local CPU build (2.13.0+cpu), which `==2.13.0` accepts.
+        assert req.specifier.contains(pins[name], prereleases=True), (
+            f"{name}=={pins[name]} not in {req.specifier}"
+        )
+    assert str(pins["torch"]).startswith("2.13.0")
