@@ -89,7 +89,7 @@ def preflight() -> str:
     try:
         return hook.test_only(script.script_path)
     finally:
-        hook.remove(job_dir)
+        hook.remove_tree(job_dir)
 
 
 def _stage_registry_auth(hook: Any) -> str:

@@ -1,0 +1,66 @@
+"""train_model end to end on the local stack, through Airflow's REST API."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from scripts.airflow_api import AirflowAPIError
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def trained(run_dag):
+    model = f"e2e-train-{uuid.uuid4().hex[:6]}"
+    run, states = run_dag("train_model", {"model_name": model, "max_epochs": 2})
+    return run, states, model
+
+
+def test_defaults_train_register_and_catalog(trained, api, mlflow_client, catalog_db):
+    run, states, model = trained
+    assert run["state"] == "success", states
+    assert set(states.values()) == {"success"}
+    job = api.xcom("train_model", run["dag_run_id"], "train")
+    assert job["state"] == "COMPLETED" and job["exit_code"] == 0
+    reg = api.xcom("train_model", run["dag_run_id"], "register")
+    assert reg["model_name"] == model and reg["model_version"] == "1"
+    assert reg["metrics"]["val/loss"] > 0
+    mlrun = mlflow_client.get_run(reg["run_id"])
+    assert mlrun.data.tags["slurm.job_id"] == str(job["job_id"])
+    assert mlrun.data.tags["image"].split("@")[1].startswith("sha256:")
+    assert "#SBATCH" in open(mlflow_client.download_artifacts(reg["run_id"], "slurm/job.sh")).read()
+    doc = catalog_db["runs"].find_one({"run_key": f"train_model/{run['dag_run_id']}/train/-1"})
+    assert [h["state"] for h in doc["history"]] == ["submitted", "completed", "registered"]
+    assert doc["mlflow"]["model_version"] == "1" and doc["slurm"]["job_id"] == job["job_id"]
+
+
+def test_rerunning_registration_does_not_duplicate(trained, api, mlflow_client, catalog_db):
+    run, _, model = trained
+    run_id = run["dag_run_id"]
+    api.post("/dags/train_model/clearTaskInstances",
+             {"dry_run": False, "task_ids": ["register", "catalog"], "dag_run_id": run_id, "reset_dag_runs": True})
+    again = api.wait_for_run("train_model", run_id, timeout=300)
+    assert again["state"] == "success"
+    versions = mlflow_client.search_model_versions(f"name = '{model}'")
+    assert [v.version for v in versions] == ["1"]
+    assert catalog_db["runs"].count_documents({"run_key": f"train_model/{run_id}/train/-1"}) == 1
+
+
+@pytest.mark.parametrize("conf, reason", [
+    ({"lr": -1}, "lr"),
+    ({"partition": "debug; touch /tmp/pwned"}, "partition"),
+    ({"task": "gpt5"}, "task"),
+    ({"time_limit": "forever"}, "time_limit"),
+])
+def test_invalid_params_are_rejected_before_slurm(api, cluster, conf, reason):
+    api.wait_for_dag("train_model")
+    before = api.get("/dags/train_model/dagRuns?limit=1")["total_entries"]
+    jobs_before = cluster("squeue -h -o %i | wc -l; sacct -n -X -S now-5minutes -o jobid | wc -l")
+    with pytest.raises(AirflowAPIError) as err:
+        api.trigger("train_model", conf=conf)
+    assert err.value.status == 400, err.value
+    assert reason in str(err.value.detail)
+    assert api.get("/dags/train_model/dagRuns?limit=1")["total_entries"] == before
+    assert cluster("squeue -h -o %i | wc -l; sacct -n -X -S now-5minutes -o jobid | wc -l") == jobs_before
