@@ -158,6 +158,36 @@ def test_deepcam_segmentation_fit_and_export(hpctrain, tmp_path):
     dm.setup()
     assert dm.data_identity()["sha256"] == m["data"]["sha256"]
 
+    # held-out evaluation: fresh snapshots from another generator seed
+    spec = {
+        "class_path": "hpctrain.data.ClimateSegmentationDataModule",
+        "init_args": {"num_samples": 8, "height": 32, "width": 32, "seed": 99},
+    }
+    result = evaluate(job / "model", spec)
+    assert result["samples"] == 8 and result["data"]["seed"] == 99
+    assert 0.0 <= result["metrics"]["val/iou"] <= 1.0 and result["monitor"] == {
+        "metric": "val/iou",
+        "mode": "max",
+    }
+
+
+def test_training_without_validation_keeps_last_checkpoint_only(hpctrain, borehole_csv, tmp_path):
+    job = tmp_path / "noval"
+    assert (
+        hpctrain(
+            "fit",
+            *SURROGATE_TINY,
+            f"--data.path={borehole_csv}",
+            "--data.val_fraction=0",
+            "--trainer.max_epochs=1",
+            f"--run.job_dir={job}",
+        )
+        == 0
+    )
+    m = load_manifest(job)
+    assert is_complete(m) and m["model"]["weights"] == "last" and m["best_checkpoint"] is None
+    assert m["monitor"]["metric"] is None and "val/loss" not in m["metrics"]["final"]
+
 
 def test_history_rows_hold_each_epochs_own_metrics(hpctrain, borehole_csv, tmp_path):
     job = tmp_path / "job"

@@ -137,7 +137,7 @@ class HpcTrainCLI(LightningCLI):
 
         monitor = run.monitor or model.monitor
         mode = run.monitor_mode or model.monitor_mode
-        if trainer_cfg.limit_val_batches in (0, 0.0):
+        if trainer_cfg.limit_val_batches in (0, 0.0) or getattr(self.datamodule, "val_fraction", None) == 0:
             monitor = None  # nothing validated: keep last.ckpt only
         self.checkpoint_callback = ModelCheckpoint(
             dirpath=self.job.checkpoints,

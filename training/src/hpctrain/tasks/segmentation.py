@@ -39,9 +39,9 @@ class _ClassIoU(MulticlassJaccardIndex):
 class ClimateSegmenter(TaskModule):
     """Two-level U-Net: per-pixel background / tropical cyclone / atmospheric river.
 
-    Upsampling uses transposed convolutions and the weighted cross-entropy is written out by hand:
-    both are deterministic on GPUs too, where ``F.interpolate`` backward and weighted
-    ``F.cross_entropy`` are not, so ``deterministic: true`` stays affordable.
+    Upsampling uses transposed convolutions and the weighted cross-entropy is written out by hand
+    (masked sum, no gather): both are deterministic on GPUs too, where ``F.interpolate`` backward
+    and weighted ``F.cross_entropy`` are not, so ``deterministic: true`` stays affordable.
 
     :param width: channels of the first level (doubled at each level down).
     :param in_channels: input fields (default: from the data).
@@ -120,7 +120,10 @@ class ClimateSegmenter(TaskModule):
     def loss_and_outputs(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x, y = batch
         logits = self(x)
-        log_probs = F.log_softmax(logits, dim=1).gather(1, y.unsqueeze(1)).squeeze(1)
+        # The true class's log-probability as a masked sum rather than gather: gather's backward
+        # is a scatter-add, which is not deterministic on GPUs.
+        one_hot = F.one_hot(y, logits.shape[1]).permute(0, 3, 1, 2).to(logits.dtype)
+        log_probs = (F.log_softmax(logits, dim=1) * one_hot).sum(dim=1)
         weights = self.class_weights[y]
         loss = -(weights * log_probs).sum() / weights.sum()
         return loss, logits.detach().argmax(dim=1), y
