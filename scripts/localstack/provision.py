@@ -13,14 +13,14 @@ import subprocess
 from pathlib import Path
 
 from .config import (
-    REPO,
     BASE_IMAGE,
     BASE_IMAGE_REPO,
     BASE_IMAGE_TAG,
-    REGISTRY,
     CLUSTER_HOME,
     CLUSTER_USER,
     PG_PORT,
+    REGISTRY,
+    REPO,
     SLURM_ACCOUNT,
     SLURM_CONF,
     SSH_KEY,
