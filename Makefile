@@ -8,7 +8,7 @@ FIND_LINKS := $(shell pip config get global.find-links 2>/dev/null || echo /opt/
 STACK := $(PY) -m scripts.localstack
 PYTEST_ARGS ?=
 
-.PHONY: help deps venv up down status demo test test-unit lint bench clean
+.PHONY: help deps venv up down status wheelhouse demo test test-unit lint bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -33,6 +33,9 @@ down:  ## stop every service of the local stack
 
 status:  ## one table: each service's state and health
 	@$(STACK) status
+
+wheelhouse: venv  ## wheels for the training image (make up does this too)
+	@scripts/wheelhouse.sh
 
 demo: up  ## all set-up, start the stack, run the main job end to end
 	@$(PY) -m scripts.demo

@@ -7,6 +7,7 @@ Everything the stack writes lives under one git-ignored folder (``.stack`` by de
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import socket
@@ -128,6 +129,19 @@ def write_stack_env() -> None:
     _write_private(STACK / "stack.env", header + "".join(f"{k}={v}\n" for k, v in stack_env().items()))
 
 
+def code_version() -> str:
+    """Hash of the Python code Airflow components import once at start (plugins, training).
+
+    It is part of their environment, so `make up` sees a changed configuration after an edit and
+    restarts exactly those programs: tests never run against stale plugin code.
+    """
+    digest = hashlib.sha256()
+    for root in (REPO / "plugins", REPO / "training" / "src"):
+        for path in sorted(root.rglob("*.py")):
+            digest.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def airflow_env() -> dict[str, str]:
     """Environment shared by every Airflow component (api-server, scheduler, ...)."""
     s = load_secrets()
@@ -154,4 +168,5 @@ def airflow_env() -> dict[str, str]:
         # Slurm, MLflow and Mongo clients in tasks use the stack's addresses.
         "SLURM_CONF": str(SLURM_CONF),
         "PYTHONPATH": f"{REPO / 'plugins'}:{REPO}",
+        "SLURMFLOW_CODE_VERSION": code_version(),
     }
