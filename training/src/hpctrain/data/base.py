@@ -57,6 +57,9 @@ class HpcDataModule(LightningDataModule):
         self._cache_dir = cache_dir
         # With a shared job directory one global rank 0 prepares (snapshots) the data.
         self.prepare_data_per_node = False
+        # Filled by the subclass's setup(): the split datasets and the data identity.
+        self._splits: dict[str, Dataset] = {}
+        self._identity: dict[str, Any] | None = None
 
     @property
     def cache_dir(self) -> Path:
@@ -76,7 +79,9 @@ class HpcDataModule(LightningDataModule):
 
     def data_identity(self) -> dict[str, Any]:
         """Describe the data this module serves (call after :meth:`setup`)."""
-        raise NotImplementedError
+        if self._identity is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() has not run")
+        return dict(self._identity)
 
     def model_dims(self) -> dict[str, Any]:
         """Shapes the model needs from the data (call after :meth:`setup`)."""
@@ -84,7 +89,9 @@ class HpcDataModule(LightningDataModule):
 
     def dataset(self, split: Split) -> Dataset:
         """The dataset of one split (call after :meth:`setup`)."""
-        raise NotImplementedError
+        if not self._splits:
+            raise RuntimeError(f"{type(self).__name__}.setup() has not run")
+        return self._splits[split]
 
     # -- loaders ---------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:

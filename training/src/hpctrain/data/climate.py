@@ -21,9 +21,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
 
-from hpctrain.data.base import HpcDataModule, Split
+from hpctrain.data.base import HpcDataModule
 from hpctrain.data.identity import hash_tensors
 from hpctrain.data.tensor_table import TensorTable
 from hpctrain.errors import ConfigError
@@ -161,8 +160,6 @@ class ClimateSegmentationDataModule(HpcDataModule):
         self.width = width
         self.seed = seed
         self.val_fraction = val_fraction
-        self._splits: dict[str, TensorTable] = {}
-        self._identity: dict[str, Any] | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self._splits:
@@ -197,16 +194,6 @@ class ClimateSegmentationDataModule(HpcDataModule):
             "val_samples": n_val,
             "sha256": hash_tensors(x, y),
         }
-
-    def dataset(self, split: Split) -> Dataset:
-        if not self._splits:
-            raise RuntimeError("ClimateSegmentationDataModule.setup() has not run")
-        return self._splits[split]
-
-    def data_identity(self) -> dict[str, Any]:
-        if self._identity is None:
-            raise RuntimeError("ClimateSegmentationDataModule.setup() has not run")
-        return dict(self._identity)
 
     def model_dims(self) -> dict[str, Any]:
         return {"in_channels": len(CHANNELS), "num_classes": len(CLASSES), **self._stats}

@@ -9,9 +9,8 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import Dataset
 
-from hpctrain.data.base import HpcDataModule, Split
+from hpctrain.data.base import HpcDataModule
 from hpctrain.data.identity import sha256_file
 from hpctrain.data.mongo import MongoQuery
 from hpctrain.data.tensor_table import TensorTable
@@ -89,8 +88,6 @@ class TabularDataModule(HpcDataModule):
         self.file_format = file_format
         self.val_fraction = val_fraction
         self.split_seed = split_seed
-        self._identity: dict[str, Any] | None = None
-        self._splits: dict[str, TensorTable] = {}
 
     # -- validation before compute ----------------------------------------------------------
     def check(self) -> None:
@@ -197,16 +194,6 @@ class TabularDataModule(HpcDataModule):
             "split_seed": self.split_seed,
             "val_fraction": self.val_fraction,
         }
-
-    def dataset(self, split: Split) -> Dataset:
-        if not self._splits:
-            raise RuntimeError("TabularDataModule.setup() has not run")
-        return self._splits[split]
-
-    def data_identity(self) -> dict[str, Any]:
-        if self._identity is None:
-            raise RuntimeError("TabularDataModule.setup() has not run")
-        return dict(self._identity)
 
     def model_dims(self) -> dict[str, Any]:
         """Input/output widths and standardization statistics of the training split."""
