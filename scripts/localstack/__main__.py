@@ -18,7 +18,7 @@ from http.client import HTTPConnection
 from socket import AF_UNIX, SOCK_STREAM, socket
 
 from . import provision
-from .config import STACK, VENV_BIN, write_stack_env
+from .config import CLUSTER_USER, STACK, VENV_BIN, write_stack_env
 from .services import SLURM_ENV, Service, services, supervisord_conf
 
 SUPERVISOR_SOCK = STACK / "run" / "supervisor.sock"
@@ -192,8 +192,11 @@ def _ours_left() -> list[str]:
     out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
     names = ("slurmctld", "slurmd ", "slurmdbd", "slurmstepd", "munged", "dockerd", "containerd", "docker-registry",
              "nx-27017", "mariadbd")
+    mine = {line.split()[0] for line in subprocess.run(["ps", "-o", "pid=", "-u", CLUSTER_USER],
+                                                        capture_output=True, text=True).stdout.splitlines()}
     return [line.strip() for line in out.splitlines()
-            if (str(STACK) in line or any(n in line for n in names)) and "localstack" not in line]
+            if (str(STACK) in line or any(n in line for n in names) or line.split()[0] in mine)
+            and "localstack" not in line]
 
 
 def down(quiet: bool = False) -> None:
@@ -209,8 +212,10 @@ def down(quiet: bool = False) -> None:
             if not SUPERVISOR_SOCK.exists() or _running_supervisor() is None:
                 break
             time.sleep(0.2)
-    # slurmstepd outlives slurmd by design (jobs survive a slurmd restart); on `down` it must go too.
+    # slurmstepd outlives slurmd by design (jobs survive a slurmd restart), and rootless podman
+    # leaves a pause process per user: on `down` the cluster user's processes go too.
     subprocess.run(["pkill", "-f", "slurmstepd"], capture_output=True)
+    subprocess.run(["pkill", "-KILL", "-u", CLUSTER_USER], capture_output=True)
     for _ in range(50):
         left = _ours_left()
         if not left:

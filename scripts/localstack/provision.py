@@ -84,11 +84,16 @@ def folders() -> None:
 def cluster_user() -> None:
     """The unprivileged user jobs run as; key-only login (``*`` password: not locked, no login)."""
     try:
-        pwd.getpwnam(CLUSTER_USER)
+        entry = pwd.getpwnam(CLUSTER_USER)
     except KeyError:
         sh(["useradd", "--home-dir", str(CLUSTER_HOME), "--shell", "/bin/bash", "--groups", "docker",
             "--no-create-home", CLUSTER_USER])
-    sh(["usermod", "-p", "*", "--home", str(CLUSTER_HOME), CLUSTER_USER])
+        entry = pwd.getpwnam(CLUSTER_USER)
+    # usermod refuses while the user has processes: only touch what differs (another clone's home).
+    # sshd without PAM refuses a "!"-locked account even for key logins; "*" means no password.
+    locked = sh(["getent", "shadow", CLUSTER_USER]).stdout.split(":")[1] != "*"
+    if entry.pw_dir != str(CLUSTER_HOME) or locked:
+        sh(["usermod", "-p", "*", "--home", str(CLUSTER_HOME), CLUSTER_USER])
     if not CLUSTER_HOME.exists():
         CLUSTER_HOME.mkdir(parents=True)
     shutil.chown(CLUSTER_HOME, CLUSTER_USER, CLUSTER_USER)
