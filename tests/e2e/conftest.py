@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
-import time
 
 import pytest
 
@@ -65,17 +63,3 @@ def catalog_db(stack_env):
     client = pymongo.MongoClient(stack_env["MONGO_URI"], serverSelectionTimeoutMS=5000)
     yield client["slurmflow"]
     client.close()
-
-
-def wait_until(predicate, timeout: float = 60, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(2)
-    raise TimeoutError(f"{what} not reached in {timeout:.0f} s")
-
-
-def dumps(value) -> str:
-    return json.dumps(value, default=str)[:2000]

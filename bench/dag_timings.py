@@ -1,0 +1,81 @@
+"""Wall time of each DAG on the local stack, split into image, queue, training and orchestration.
+
+Triggers train_model, nightly_retrain and hparam_sweep (4 trials) through the REST API, one after
+the other, and splits each run's wall time using the task durations (image) and Slurm's own
+accounting (queue = first start - submit, training = last end - first start). Orchestration is
+the rest: task start-up, submission, deferral and resume, result collection, registration.
+Prints a table and writes bench/results/dag_timings.json. Needs `make up`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from scripts.airflow_api import AirflowAPI  # noqa: E402
+from scripts.localstack.config import stack_env  # noqa: E402
+
+RUNS = {
+    "train_model": {},
+    "nightly_retrain": {},
+    "hparam_sweep": {"search_space": {"lr": [0.001, 0.01], "width": [16, 32]}, "max_parallel": 4},
+}
+
+
+def _ts(value: str) -> dt.datetime:
+    return dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def sacct_times(env: dict[str, str], job_id: str) -> tuple[dt.datetime, dt.datetime, dt.datetime]:
+    """(first submit, first start, last end) of a job or all tasks of an array, from sacct."""
+    out = subprocess.run(
+        ["ssh", "-i", env["SSH_KEY"], "-p", env["SSH_PORT"], "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
+         "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", f"{env['SSH_USER']}@{env['SSH_HOST']}",
+         f"sacct -n -X -P -j {job_id} -o Submit,Start,End"],
+        capture_output=True, text=True, check=True, timeout=60,
+    ).stdout.split()
+    rows = [[dt.datetime.fromisoformat(v).astimezone() for v in line.split("|")] for line in out]
+    return min(r[0] for r in rows), min(r[1] for r in rows), max(r[2] for r in rows)
+
+
+def measure(api: AirflowAPI, env: dict[str, str], dag_id: str, conf: dict) -> dict:
+    api.wait_for_dag(dag_id)
+    conf = {**conf, "model_name": f"bench-{dag_id}-{uuid.uuid4().hex[:6]}"}
+    run = api.wait_for_run(dag_id, api.trigger(dag_id, conf=conf)["dag_run_id"], timeout=1800)
+    tis = {t["task_id"]: t for t in api.task_instances(dag_id, run["dag_run_id"])}
+    job = api.xcom(dag_id, run["dag_run_id"], "train")
+    submit, start, end = sacct_times(env, str(job["job_id"]))
+    wall = (_ts(run["end_date"]) - _ts(run["start_date"])).total_seconds()
+    image = tis["build_image"]["duration"]
+    queue = (start - submit).total_seconds()
+    training = (end - start).total_seconds()
+    return {"dag_id": dag_id, "state": run["state"], "wall_s": round(wall, 1), "image_s": round(image, 1),
+            "queue_s": round(queue, 1), "training_s": round(training, 1),
+            "orchestration_s": round(wall - image - queue - training, 1),
+            "tasks_s": {k: round(v["duration"] or 0, 1) for k, v in tis.items()}}
+
+
+def main() -> int:
+    env = stack_env()
+    api = AirflowAPI(env["AIRFLOW_URL"], env["AIRFLOW_USER"], env["AIRFLOW_PASSWORD"])
+    results = [measure(api, env, dag_id, conf) for dag_id, conf in RUNS.items()]
+    print(f"{'DAG':<16}{'state':<9}{'wall':>7}{'image':>7}{'queue':>7}{'train':>7}{'orch.':>7}  (seconds)")
+    for r in results:
+        print(f"{r['dag_id']:<16}{r['state']:<9}{r['wall_s']:>7}{r['image_s']:>7}{r['queue_s']:>7}"
+              f"{r['training_s']:>7}{r['orchestration_s']:>7}")
+    out = REPO / "bench" / "results" / "dag_timings.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"written to {out}")
+    return 0 if all(r["state"] == "success" for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
