@@ -73,6 +73,7 @@ def hparam_sweep():
                                       sbatch_options=spec["sbatch_options"], pool="slurm_submit")
     sweep = tasks.register_sweep(train.output, image.output, trials)
     preflight >> [image, trials]
+    train >> tasks.reap()
     spec >> train >> sweep >> tasks.catalog_sweep(sweep)
 
 

@@ -56,6 +56,7 @@ def nightly_retrain():
         holdout_query={"valid": True, "holdout": True},
     )
     preflight >> image
+    train >> tasks.reap()
     spec >> train >> registration >> promotion >> tasks.catalog()
 
 

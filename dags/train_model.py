@@ -41,6 +41,7 @@ def train_model():
     )
     registration = tasks.register(train.output, image.output)
     preflight >> image
+    train >> tasks.reap()
     spec >> train >> registration >> tasks.catalog()
 
 

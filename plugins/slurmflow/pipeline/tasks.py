@@ -6,6 +6,7 @@ time, and talks to the outside world only through the hooks.
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import uuid
 from pathlib import Path
@@ -15,6 +16,8 @@ from airflow.providers.common.compat.sdk import AirflowFailException
 from airflow.sdk import BaseHook, Variable, get_current_context, task
 from slurmflow.operators.slurm import SlurmSubmitJobOperator
 from slurmflow.pipeline.jobs import Site, sbatch_options, training_job
+
+log = logging.getLogger(__name__)
 
 #: where the cluster user keeps the registry credentials jobs pull with (mode 700 / 600)
 AUTH_DIR = ".slurmflow/registry-auth"
@@ -72,6 +75,27 @@ def _slurm_hook():
     from slurmflow.hooks.slurm import SlurmHook
 
     return SlurmHook()
+
+
+@task(task_id="reap", trigger_rule="all_done", retries=2)
+def reap(train_task: str = "train") -> str:
+    """Cancel the train task's Slurm job if it is still queued or running once that task is done.
+
+    The second line of "cancel means cancel": the trigger scancels when its task is marked
+    failed/success or cleared, but only once a triggerer runs it; a task marked failed right after
+    deferring, before any triggerer picked the trigger up, would otherwise leave an orphan job.
+    """
+    job = get_current_context()["ti"].xcom_pull(task_ids=train_task, key="slurm_job")
+    if not job:
+        return "no job was submitted"
+    hook = _slurm_hook()
+    job_id = str(job["job_id"])
+    snap = hook.get_states([job_id]).get(job_id)
+    if snap is None or snap.state.is_terminal:
+        return f"job {job_id}: {snap.state.state.value if snap else 'unknown'}, nothing to cancel"
+    log.warning("Slurm job %s is still %s but its task is over: cancelling it", job_id, snap.state.state.value)
+    hook.cancel([job_id])
+    return f"job {job_id}: cancelled"
 
 
 @task(task_id="preflight")
