@@ -29,7 +29,7 @@ up: deps  ## start the local HPC site + Airflow (idempotent)
 	@$(STACK) up
 
 down:  ## stop every service of the local stack
-	@test -x $(PY) && $(STACK) down || echo "no .venv: nothing to stop"
+	@if [ -x $(PY) ]; then $(STACK) down; else echo "no .venv: nothing to stop"; fi
 
 status:  ## one table: each service's state and health
 	@$(STACK) status

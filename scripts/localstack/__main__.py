@@ -214,8 +214,10 @@ def down(quiet: bool = False) -> None:
             time.sleep(0.2)
     # slurmstepd outlives slurmd by design (jobs survive a slurmd restart), and rootless podman
     # leaves a pause process per user: on `down` the cluster user's processes go too.
-    subprocess.run(["pkill", "-f", "slurmstepd"], capture_output=True)
     subprocess.run(["pkill", "-KILL", "-u", CLUSTER_USER], capture_output=True)
+    subprocess.run(["pkill", "-f", "slurmstepd"], capture_output=True)
+    time.sleep(1)
+    subprocess.run(["pkill", "-KILL", "-f", "slurmstepd"], capture_output=True)  # it may ignore TERM
     for _ in range(50):
         left = _ours_left()
         if not left:
