@@ -218,6 +218,9 @@ def down(quiet: bool = False) -> None:
     subprocess.run(["pkill", "-f", "slurmstepd"], capture_output=True)
     time.sleep(1)
     subprocess.run(["pkill", "-KILL", "-f", "slurmstepd"], capture_output=True)  # it may ignore TERM
+    # dockerd leaves its network-namespace bind mount behind, which would block `make clean`.
+    for ns in (STACK / "run" / "docker" / "netns").glob("*"):
+        subprocess.run(["umount", str(ns)], capture_output=True)
     for _ in range(50):
         left = _ours_left()
         if not left:
