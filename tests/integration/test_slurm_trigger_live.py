@@ -49,7 +49,9 @@ def test_live_log_lines_arrive_while_the_job_runs(slurm_conn):
     assert result["state"] == "COMPLETED" and result["exit_code"] == 0
     assert result["node_list"] == "local1" and result["elapsed_seconds"] >= 5
     assert result["log_path"].endswith(f"slurm-{job_id}.out") and result["job_dir"] in result["log_path"]
-    assert payload["snapshot"]["source"] == "sacct"
+    # The final facts come from sacct, or from squeue when it still lists the finished job
+    # (within MinJobAge): which one answers first is timing, the facts above are the contract.
+    assert payload["snapshot"]["source"] in {"sacct", "squeue"}
 
 
 def test_failure_fails_the_task_with_reason_and_log_tail(slurm_conn):
