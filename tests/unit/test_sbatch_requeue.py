@@ -9,7 +9,6 @@ import os
 import subprocess
 
 import pytest
-
 from slurmflow.sbatch import build_script, render_script
 
 
