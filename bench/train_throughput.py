@@ -28,11 +28,12 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+
 from hpctrain.data.borehole import FEATURES, make_table
 from hpctrain.data.sampling import EpochShuffleSampler, ResumableLoader
 from hpctrain.data.tabular import TabularDataModule
 from hpctrain.tasks.surrogate import SurrogateRegressor
-from lightning.pytorch.callbacks import Callback
 
 RESULTS = Path(__file__).resolve().parent / "results" / "train_throughput.json"
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 from airflow.sdk import Param, dag
+
 from slurmflow.operators.image import BuildImageOperator
 from slurmflow.pipeline import tasks
 from slurmflow.pipeline.params import hyperparameters, model_params, slurm_params

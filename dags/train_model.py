@@ -11,6 +11,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 from airflow.sdk import dag
+
 from slurmflow.operators.image import BuildImageOperator
 from slurmflow.pipeline import tasks
 from slurmflow.pipeline.params import train_params

@@ -9,6 +9,7 @@ whose name is unique. Registering the extra link lets the UI deserialize it for 
 from __future__ import annotations
 
 from airflow.providers.common.compat.sdk import AirflowPlugin
+
 from slurmflow.links import SlurmJobLink
 
 

@@ -17,6 +17,7 @@ HOLDOUT_ROWS = 512
 def seed(mongo_uri: str = "mongodb://127.0.0.1:27017", today: dt.date | None = None) -> int:
     """Insert the missing demo documents; return how many were inserted."""
     import pymongo
+
     from hpctrain.data.borehole import make_table
 
     today = today or dt.date.today()

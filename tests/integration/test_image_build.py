@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from slurmflow.hooks.image import ImageBuildHook, ImageResult
 from slurmflow.hooks.registry import RegistryAuthError, RegistryHook, RegistryUnavailableError
 from slurmflow.images import DEFAULT_EXCLUDES, BuildContext

@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 import requests
 from docker.errors import ImageNotFound
+
 from slurmflow.hooks.image import ImageBuildHook
 from slurmflow.hooks.registry import RegistryHook
 from slurmflow.images import DEFAULT_EXCLUDES, BuildContext

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 
 import pytest
+
 from slurmflow.hooks.catalog import RunCatalogHook
 from slurmflow.hooks.mlflow import MlflowHook
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 from airflow.sdk.exceptions import TaskDeferred
+
 from slurmflow.errors import SlurmConnectionError
 from slurmflow.identity import JobKey
 from slurmflow.operators.slurm import XCOM_JOB_KEY
-
 from tests.integration import test_slurm_fixtures as live
 from tests.integration.test_slurm_fixtures import (
     LiveTI,

@@ -6,13 +6,13 @@ import time
 import uuid
 
 import pytest
+
 from slurmflow.errors import SlurmConnectionError, SlurmSubmitError
 from slurmflow.hooks.slurm import SlurmHook
 from slurmflow.identity import JobKey
 from slurmflow.logs import LogRead
 from slurmflow.sbatch import build_script, render_script
 from slurmflow.states import SlurmState
-
 from tests.integration import test_slurm_fixtures as live
 from tests.integration.test_slurm_fixtures import ssh, wait_state
 

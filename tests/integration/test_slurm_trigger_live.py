@@ -11,10 +11,10 @@ import uuid
 
 import pytest
 from airflow.providers.common.compat.sdk import AirflowFailException
+
 from slurmflow.hooks.slurm import SlurmHook
 from slurmflow.poller import Subscription, get_poller
 from slurmflow.triggers.slurm import SlurmJobTrigger
-
 from tests.integration import test_slurm_fixtures as live
 from tests.integration.test_slurm_fixtures import (
     LiveTI,

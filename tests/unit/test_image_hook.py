@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from docker.errors import ImageNotFound
+
 from slurmflow.hooks.image import LABEL_CONTENT_HASH, ImageBuildError, ImageBuildHook
 from slurmflow.images import BuildContext
 from slurmflow.operators.image import BuildImageOperator

@@ -16,6 +16,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+
 from slurmflow.hooks.registry import (
     RegistryAuthError,
     RegistryHook,

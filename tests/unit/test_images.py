@@ -13,6 +13,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
+
 from slurmflow.images import (
     DEFAULT_EXCLUDES,
     BuildContext,

@@ -13,6 +13,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from slurmflow.runtimes import (
     ALIASES,
     RUNTIMES,

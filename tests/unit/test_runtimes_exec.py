@@ -14,6 +14,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from slurmflow.runtimes import container_command, registry_auth_files
 
 DIGEST = "sha256:" + "5a" * 32

@@ -9,6 +9,7 @@ import os
 import subprocess
 
 import pytest
+
 from slurmflow.sbatch import build_script, render_script
 
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
+
 from slurmflow.errors import SlurmConnectionError, SlurmSubmitError
 from slurmflow.identity import JobKey
 from slurmflow.sbatch import build_script, render_script, render_secrets_file
-
 from tests.unit.fixtures.slurm.fakes import FakeCluster, fake_hook
 
 KEY = JobKey("dag", "run1", "train")

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 from airflow.providers.common.compat.sdk import AirflowException, AirflowFailException
 from airflow.sdk.exceptions import TaskDeferred
+
 from slurmflow.errors import SlurmConnectionError
 from slurmflow.operators.slurm import XCOM_JOB_KEY, SlurmSubmitJobOperator
 from slurmflow.sensors.slurm import SlurmJobSensor
 from slurmflow.triggers.slurm import SlurmJobTrigger
-
 from tests.unit.fixtures.slurm.fakes import FakeCluster, fake_hook
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from slurmflow.parsing import (
     SlurmParseError,
     expand_array_indices,
@@ -15,7 +16,6 @@ from slurmflow.parsing import (
     split_job_id,
 )
 from slurmflow.states import SlurmState
-
 from tests.unit.fixtures.slurm.fakes import fixture
 
 

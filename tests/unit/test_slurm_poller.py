@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+
 from slurmflow import poller as poller_mod
 from slurmflow.poller import ClusterPoller, Subscription, active_pollers, get_poller
 from slurmflow.states import SlurmState
-
 from tests.unit.fixtures.slurm.fakes import FakeAsyncHook, FakeCluster
 
 

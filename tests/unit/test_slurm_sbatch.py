@@ -11,6 +11,7 @@ import shlex
 import subprocess
 
 import pytest
+
 from slurmflow.identity import JobKey
 from slurmflow.sbatch import (
     OPTIONS,
@@ -21,7 +22,6 @@ from slurmflow.sbatch import (
     render_script,
     render_secrets_file,
 )
-
 from tests.unit.fixtures.slurm.fakes import FIXTURES
 
 KEY = JobKey("train_dag", "manual__2024-05-01T00:00:00+00:00", "fit", 3)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from slurmflow.states import ArrayProgress, JobState, SlurmState, aggregate_states, parse_exit_code
 
 TERMINAL = {

@@ -4,10 +4,10 @@ without accounting; driven through a fake login node routing on argv[0]."""
 from __future__ import annotations
 
 import pytest
+
 from slurmflow.errors import SlurmCommandError
 from slurmflow.states import SlurmState
 from slurmflow.status import CommandResult, JobSnapshot, ResolveOptions, resolve_states, run_sync
-
 from tests.unit.fixtures.slurm.fakes import FakeCluster, fixture
 
 

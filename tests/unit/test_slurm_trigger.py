@@ -6,9 +6,9 @@ import asyncio
 import time
 
 import pytest
+
 from slurmflow import poller as poller_mod
 from slurmflow.triggers.slurm import SlurmJobTrigger
-
 from tests.unit.fixtures.slurm.fakes import FakeAsyncHook, FakeCluster
 
 

@@ -21,8 +21,9 @@ import time
 from pathlib import Path
 
 import pytest
-from hpctrain.manifest import is_complete, load_manifest
 from hpctrain_testing import SURROGATE_TINY, spawn
+
+from hpctrain.manifest import is_complete, load_manifest
 
 ARGS = [
     *SURROGATE_TINY,

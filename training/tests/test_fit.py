@@ -6,10 +6,11 @@ import json
 
 import pytest
 import torch
+from hpctrain_testing import DEEPCAM_TINY, SURROGATE_TINY
+
 from hpctrain.evaluate import evaluate
 from hpctrain.export import load_model
 from hpctrain.manifest import is_complete, load_manifest
-from hpctrain_testing import DEEPCAM_TINY, SURROGATE_TINY
 
 
 def test_surrogate_fit_writes_complete_manifest(hpctrain, borehole_csv, tmp_path, capsys):
@@ -204,8 +205,9 @@ def test_history_rows_hold_each_epochs_own_metrics(hpctrain, borehole_csv, tmp_p
         == 0
     )
     m = load_manifest(job)
-    from hpctrain.tracking import allow_file_store
     from mlflow.tracking import MlflowClient
+
+    from hpctrain.tracking import allow_file_store
 
     with allow_file_store():
         client = MlflowClient((job / "mlruns-offline").as_uri())

@@ -6,9 +6,10 @@ import datetime as dt
 import uuid
 
 import pytest
+from hpctrain_testing import SURROGATE_TINY
+
 from hpctrain.data.mongo import MongoQuery
 from hpctrain.manifest import is_complete, load_manifest
-from hpctrain_testing import SURROGATE_TINY
 
 pytestmark = pytest.mark.integration
 
@@ -18,8 +19,9 @@ FEATURES = ["rw", "r", "Tu", "Hu", "Tl", "Hl", "L", "Kw"]
 @pytest.fixture
 def campaign(stack_env):
     """A fresh database holding 300 simulation results, two thirds of them valid."""
-    from hpctrain.data.borehole import make_table
     from pymongo import MongoClient
+
+    from hpctrain.data.borehole import make_table
 
     db_name = f"hpctrain_test_{uuid.uuid4().hex[:8]}"
     client = MongoClient(stack_env["MONGO_URI"], serverSelectionTimeoutMS=5000)

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from hpctrain.manifest import is_complete, load_manifest
 from hpctrain_testing import SURROGATE_TINY, spawn
+
+from hpctrain.manifest import is_complete, load_manifest
 
 STEPS_PER_EPOCH = 52  # ceil(410 training rows / batch 8)
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 import uuid
 
 import pytest
+from hpctrain_testing import SURROGATE_TINY
+
 from hpctrain.manifest import load_manifest
 from hpctrain.offline import COMPLETE_TAG, OFFLINE_RUN_TAG, upload
 from hpctrain.tracking import probe
-from hpctrain_testing import SURROGATE_TINY
 
 pytestmark = pytest.mark.integration
 

@@ -9,6 +9,8 @@ import stat
 
 import pytest
 import torch
+from torch.utils.data import TensorDataset
+
 from hpctrain.data.identity import hash_documents, redact_uri, sha256_file
 from hpctrain.data.sampling import EpochShuffleSampler, ResumableLoader
 from hpctrain.environment import default_num_threads, slurm_facts
@@ -17,7 +19,6 @@ from hpctrain.manifest import is_complete, load_manifest, write_manifest
 from hpctrain.preemption import slurm_job_id
 from hpctrain.redact import redact
 from hpctrain.signals import SignalLatch, parse_signal
-from torch.utils.data import TensorDataset
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ from typing import Any
 
 from airflow.providers.common.compat.sdk import AirflowFailException
 from airflow.sdk import BaseHook, Variable, get_current_context, task
+
 from slurmflow.operators.slurm import SlurmSubmitJobOperator
 from slurmflow.pipeline.jobs import Site, sbatch_options, training_job
 
@@ -280,6 +281,7 @@ def evaluate_and_promote(registration: dict[str, Any], alias: str, margin: float
     import os
 
     from airflow.providers.mongo.hooks.mongo import MongoHook
+
     from slurmflow.hooks.mlflow import MlflowHook
     from slurmflow.pipeline.promotion import decide, evaluate_version
 
