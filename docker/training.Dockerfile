@@ -39,7 +39,11 @@ COPY --from=deps /opt/venv /opt/venv
 ENV VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     PYTHONUNBUFFERED=1 \
-    PYTHONDONTWRITEBYTECODE=1
+    PYTHONDONTWRITEBYTECODE=1 \
+    GIT_PYTHON_REFRESH=quiet
+# GIT_PYTHON_REFRESH: MLflow imports GitPython to tag runs with a commit; the image has no git
+# (and no .git), which made every job log ~40 "Bad git executable" lines. The commit comes
+# from the orchestrator instead (BuildImageOperator's code_version).
 
 # --- code: last, so editing training/ rebuilds only from here ---------------------------------
 COPY training/ /opt/hpctrain/

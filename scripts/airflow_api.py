@@ -103,3 +103,14 @@ class AirflowAPI:
     def xcom(self, dag_id: str, run_id: str, task_id: str, key: str = "return_value", map_index: int = -1) -> Any:
         path = f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/{key}?map_index={map_index}"
         return self.get(path)["value"]
+
+    def task_log(self, dag_id: str, run_id: str, task_id: str, try_number: int | None = None) -> str:
+        """The task's log as text (the latest try unless ``try_number``), as the UI shows it."""
+        if try_number is None:
+            ti = self.get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}")
+            try_number = int(ti["try_number"])
+        body = self.get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/logs/{try_number}?full_content=true")
+        content = body.get("content", "") if isinstance(body, dict) else body
+        if isinstance(content, list):  # structured log lines (Airflow 3)
+            return "\n".join(str(c.get("event", c)) if isinstance(c, dict) else str(c) for c in content)
+        return str(content)

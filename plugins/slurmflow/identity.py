@@ -104,6 +104,57 @@ class JobKey:
         return parsed is not None and parsed[0] == self.digest
 
 
+@dataclass(frozen=True)
+class JobIdentity:
+    """One training: a task instance's :class:`JobKey` plus its clear generation.
+
+    The single name behind everything one training leaves: the Slurm job name and comment, the
+    job directory, the MLflow run key (tag ``slurmflow.run_key`` on the run and its model
+    version) and the catalog document. A clear of the train task is a new generation, hence a
+    new job, run, model version and catalog document; a retry, or a clear of a later step only,
+    keeps the generation and finds everything again.
+
+    :param key: the task instance.
+    :param generation: the clear generation (:func:`generation_of`).
+    """
+
+    key: JobKey
+    generation: int = 0
+
+    @property
+    def job_name(self) -> str:
+        return self.key.job_name(self.generation)
+
+    @property
+    def comment(self) -> str:
+        return self.key.comment(self.generation)
+
+    def job_dir(self, root: str) -> str:
+        return self.key.job_dir(root, self.generation)
+
+    @property
+    def run_key(self) -> str:
+        """``<dag>/<run>/<task>/<map index>/g<generation>``: the MLflow and catalog key."""
+        k = self.key
+        return f"{k.dag_id}/{k.run_id}/{k.task_id}/{k.map_index}/g{int(self.generation)}"
+
+    def trial_key(self, trial: int) -> str:
+        """The run key of one array task (a sweep trial) of this job."""
+        return f"{self.run_key}/trial-{int(trial)}"
+
+    def as_dict(self) -> dict[str, str | int]:
+        """Plain types for XCom and trigger kwargs."""
+        k = self.key
+        return {"dag_id": k.dag_id, "run_id": k.run_id, "task_id": k.task_id, "map_index": k.map_index,
+                "generation": int(self.generation)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> JobIdentity:
+        """Inverse of :meth:`as_dict` (the ``identity`` of a ``slurm_job`` XCom record)."""
+        key = JobKey(str(data["dag_id"]), str(data["run_id"]), str(data["task_id"]), int(data.get("map_index", -1)))
+        return cls(key, int(data.get("generation", 0)))
+
+
 def parse_job_name(name: str) -> tuple[str, int] | None:
     """``(digest, generation)`` of a name made by :meth:`JobKey.job_name`, else ``None``."""
     match = _NAME_RE.match(name.strip())

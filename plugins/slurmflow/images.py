@@ -18,7 +18,7 @@ import tarfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 #: The Dockerfile's own ``ARG BASE_IMAGE`` default: what users get without a local base image.
 DEFAULT_BASE_IMAGE = "python:3.11-slim-bookworm"
@@ -307,3 +307,36 @@ def write_context_tar(root: Path | str, files: Iterable[str], out: BinaryIO) -> 
                 tar.addfile(info)
             count += 1
     return count
+
+
+def source_revision(root: Path | str) -> dict[str, Any]:
+    """The git revision the image is built from: ``{"git_sha", "git_dirty"}``.
+
+    ``git_dirty`` is True when tracked files differ from the commit (untracked files do not
+    count: they are not part of the hashed build context unless listed there). Outside a git
+    checkout, or without ``git``, both are ``None``: the content tag still identifies the code.
+    The image's content tag, not the SHA, decides rebuilds: a docs-only commit reuses the image.
+    """
+    import subprocess
+
+    def git(*args: str) -> subprocess.CompletedProcess[str] | None:
+        try:
+            return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
+                                  timeout=10, check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+
+    head = git("rev-parse", "--verify", "HEAD")
+    if head is None or head.returncode != 0:
+        return {"git_sha": None, "git_dirty": None}
+    status = git("status", "--porcelain", "--untracked-files=no")
+    dirty = None if status is None or status.returncode != 0 else bool(status.stdout.strip())
+    return {"git_sha": head.stdout.strip(), "git_dirty": dirty}
+
+
+def code_version(revision: Mapping[str, Any]) -> str:
+    """One string for the run, the model version and the catalog: ``<sha>[-dirty]`` or ``unknown``."""
+    sha = revision.get("git_sha")
+    if not sha:
+        return "unknown"
+    return f"{sha}-dirty" if revision.get("git_dirty") else str(sha)

@@ -1,10 +1,15 @@
-"""Operator extra link: the Slurm job's page, when the site has one (Open OnDemand, a portal).
+"""Operator extra links: the Slurm job's page, and the MLflow run and model version of a training.
+
+``Slurm job``: the Slurm job's page, when the site has one (Open OnDemand, a portal).
 
 Airflow 3 evaluates extra links on the worker when the task finishes and stores the URL in
 XCom; the link reads the ``url`` the operator recorded in its ``slurm_job`` XCom, built from
 the connection extra ``job_url_template`` (e.g.
 ``https://ondemand.example.org/pun/sys/dashboard/activejobs?jobid={job_id}``). Without a
 template the button stays disabled; the job id is always in the ``slurm_job`` XCom.
+
+``MLflow run`` / ``MLflow model``: on the register step (:func:`slurmflow.pipeline.tasks.register`),
+the URLs it pushed as XCom ``mlflow_run_url`` / ``mlflow_model_url``.
 """
 
 from __future__ import annotations
@@ -24,6 +29,30 @@ class SlurmJobLink(BaseOperatorLink):
         if isinstance(record, dict):
             return str(record.get("url") or "")
         return ""
+
+
+class _XComUrlLink(BaseOperatorLink):
+    """A link whose URL the task pushed as an XCom string under :attr:`url_key`."""
+
+    url_key = ""
+
+    def get_link(self, operator: Any, *, ti_key: Any) -> str:
+        value = XCom.get_value(ti_key=ti_key, key=self.url_key)
+        return value if isinstance(value, str) else ""
+
+
+class MlflowRunLink(_XComUrlLink):
+    """The MLflow run a register step logged the training into."""
+
+    name = "MLflow run"
+    url_key = "mlflow_run_url"
+
+
+class MlflowModelLink(_XComUrlLink):
+    """The model version a register step created (or found)."""
+
+    name = "MLflow model"
+    url_key = "mlflow_model_url"
 
 
 def job_url(template: str | None, job_id: str, cluster: str = "") -> str:

@@ -56,3 +56,21 @@ def test_parse_is_light(path):
     print(f"{path.name}: parsed in {result['seconds'] * 1000:.0f} ms")
     heavy = sorted({m.split('.')[0] for m in result["modules"]} & set(HEAVY))
     assert heavy == [], f"{path.name} imports {heavy} at parse time"
+
+
+@pytest.mark.parametrize("dag_id", ["train_model", "nightly_retrain", "hparam_sweep"])
+def test_trigger_form_defaults_are_valid_and_optional_means_null(dagbag, dag_id):
+    """The Trigger form marks a field required unless its type admits null; an empty-string
+    default with an "or empty" pattern therefore rendered in error (issue 9). Every default
+    must validate, and no string Param may default to ``""``."""
+    import jsonschema
+
+    for name, param in dagbag.dags[dag_id].params.items():
+        schema, value = param.schema, param.value
+        jsonschema.validate(value, schema)  # the default itself is valid
+        assert value != "", f"{dag_id}.{name}: use None (type [null, string]) for 'site default'"
+        assert schema.get("section") and param.description, f"{dag_id}.{name}: section + description"
+        if value is None:
+            assert "null" in schema["type"], f"{dag_id}.{name}: a None default needs 'null' in its type"
+            if "enum" in schema:
+                assert None in schema["enum"], f"{dag_id}.{name}: an optional enum lists None"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import uuid
 
 import pytest
@@ -31,9 +32,21 @@ def test_defaults_train_register_and_catalog(trained, api, mlflow_client, catalo
     assert mlrun.data.tags["slurm.job_id"] == str(job["job_id"])
     assert mlrun.data.tags["image"].split("@")[1].startswith("sha256:")
     assert "#SBATCH" in open(mlflow_client.download_artifacts(reg["run_id"], "slurm/job.sh")).read()
-    doc = catalog_db["runs"].find_one({"run_key": f"train_model/{run['dag_run_id']}/train/-1"})
+    assert mlrun.data.tags["slurmflow.run_key"] == job["run_key"] == f"train_model/{run['dag_run_id']}/train/-1/g0"
+    # the code version: the checkout's git SHA (+ -dirty) and the image's content tag
+    version = mlflow_client.get_model_version(model, "1")
+    assert mlrun.data.tags["code_version"] != "unknown"
+    assert mlrun.data.tags["code.git_sha"] == subprocess.run(
+        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    assert version.tags["code_version"] == mlrun.data.tags["code_version"]
+    assert version.tags["image.content_tag"] == mlrun.data.tags["image"].split("@")[0].rsplit(":", 1)[1]
+    doc = catalog_db["runs"].find_one({"run_key": job["run_key"]})
     assert [h["state"] for h in doc["history"]] == ["submitted", "completed", "registered"]
     assert doc["mlflow"]["model_version"] == "1" and doc["slurm"]["job_id"] == job["job_id"]
+    assert doc["code"]["code_version"] == mlrun.data.tags["code_version"] and doc["generation"] == 0
+    # no GitPython noise in the job's own log (mlflow imports git inside a container without it)
+    log = api.task_log("train_model", run["dag_run_id"], "train")
+    assert "Bad git executable" not in log and "GIT_PYTHON" not in log
 
 
 def test_rerunning_registration_does_not_duplicate(trained, api, mlflow_client, catalog_db):
@@ -45,7 +58,41 @@ def test_rerunning_registration_does_not_duplicate(trained, api, mlflow_client, 
     assert again["state"] == "success"
     versions = mlflow_client.search_model_versions(f"name = '{model}'")
     assert [v.version for v in versions] == ["1"]
-    assert catalog_db["runs"].count_documents({"run_key": f"train_model/{run_id}/train/-1"}) == 1
+    assert catalog_db["runs"].count_documents({"run_key": f"train_model/{run_id}/train/-1/g0"}) == 1
+    reg = api.xcom("train_model", run_id, "register")
+    assert reg["model_version"] == "1"
+
+
+def test_clearing_train_retrains_and_registers_a_new_version(trained, api, mlflow_client, catalog_db):
+    """A clear of train is a new generation: new job, new MLflow run, new model version; the old
+    version and its run are left exactly as they were."""
+    run, _, model = trained
+    run_id = run["dag_run_id"]
+    first_job = api.xcom("train_model", run_id, "train")
+    first = api.xcom("train_model", run_id, "register")
+    old_run = mlflow_client.get_run(first["run_id"])
+    api.post("/dags/train_model/clearTaskInstances",
+             {"dry_run": False, "task_ids": ["train"], "include_downstream": True, "dag_run_id": run_id,
+              "reset_dag_runs": True})
+    again = api.wait_for_run("train_model", run_id, timeout=600)
+    assert again["state"] == "success"
+    job = api.xcom("train_model", run_id, "train")
+    reg = api.xcom("train_model", run_id, "register")
+    assert job["generation"] == 1 and job["job_id"] != first_job["job_id"]
+    assert reg["model_version"] == "2" and reg["run_id"] != first["run_id"]
+    assert sorted(v.version for v in mlflow_client.search_model_versions(f"name = '{model}'")) == ["1", "2"]
+    new_run = mlflow_client.get_run(reg["run_id"])
+    assert new_run.data.tags["slurm.job_id"] == str(job["job_id"])
+    assert new_run.data.tags["slurmflow.run_key"].endswith("/g1")
+    # the old run is untouched: same job id, same metrics, no tags of the new training
+    untouched = mlflow_client.get_run(first["run_id"])
+    assert untouched.data.tags["slurm.job_id"] == str(first_job["job_id"])
+    assert untouched.data.metrics == old_run.data.metrics
+    assert mlflow_client.get_model_version(model, "1").run_id == first["run_id"]
+    docs = {d["generation"]: d for d in catalog_db["runs"].find({"dag_id": "train_model", "run_id": run_id})}
+    assert set(docs) == {0, 1}
+    assert docs[0]["slurm"]["job_id"] == first_job["job_id"] and docs[1]["slurm"]["job_id"] == job["job_id"]
+    assert docs[1]["mlflow"]["model_version"] == "2" and docs[0]["mlflow"]["model_version"] == "1"
 
 
 @pytest.mark.parametrize("conf, reason", [

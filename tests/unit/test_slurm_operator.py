@@ -236,7 +236,7 @@ def test_on_kill_cancels_known_job_or_finds_it_by_key():
     cluster2 = FakeCluster()
     op2 = make(cluster2)
     run(op2)
-    live = cluster2.add_job(op2._key.job_name(0), "RUNNING")
+    live = cluster2.add_job(op2._identity.job_name, "RUNNING")
     op2.on_kill()
     assert live.state == "CANCELLED"
 

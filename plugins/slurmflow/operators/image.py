@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.providers.common.compat.sdk import BaseOperator
 
-from slurmflow.images import DEFAULT_BASE_IMAGE, DEFAULT_EXCLUDES, BuildContext
+from slurmflow.images import DEFAULT_BASE_IMAGE, DEFAULT_EXCLUDES, BuildContext, code_version, source_revision
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -20,7 +20,9 @@ if TYPE_CHECKING:
 PROJECT_ROOT = Path(__file__).resolve().parents[3]
 
 #: XCom keys pushed besides the return value (which is the pinned ``image@digest``).
-XCOM_DIGEST, XCOM_TAG, XCOM_BUILT = "digest", "tag", "built"
+XCOM_DIGEST, XCOM_TAG, XCOM_BUILT, XCOM_CODE = "digest", "tag", "built", "code_version"
+#: Image label with the git revision of a build (a label: not part of the content tag).
+LABEL_GIT_SHA = "org.opencontainers.image.revision"
 
 
 class BuildImageOperator(BaseOperator):
@@ -49,7 +51,10 @@ class BuildImageOperator(BaseOperator):
     :param force_build: build and push even if the registry has the tag.
 
     XCom: return value = ``image`` (``registry/repo@sha256:...``); keys ``digest``, ``tag``,
-    ``built`` (False when the registry already had it).
+    ``built`` (False when the registry already had it) and ``code_version`` (``git_sha``,
+    ``git_dirty``, ``version`` = ``<sha>[-dirty]``, ``content_tag``): the revision of the project
+    checkout this task ran from, which the register step puts on the MLflow run, the model
+    version and the catalog.
     """
 
     template_fields: Sequence[str] = (
@@ -114,16 +119,21 @@ class BuildImageOperator(BaseOperator):
         )
 
     def execute(self, context: Context) -> str:
+        revision = source_revision(self.context_dir)
+        labels = {k: str(v) for k, v in self.labels.items()}
+        if revision["git_sha"]:
+            labels.setdefault(LABEL_GIT_SHA, code_version(revision))
         result = self.hook.ensure_image(
             self.build_context(),
             self.repository,
             self.base_image,
             build_args={k: str(v) for k, v in self.build_args.items()},
-            labels={k: str(v) for k, v in self.labels.items()},
+            labels=labels,
             force_build=self.force_build,
         )
         ti = context["ti"]
         ti.xcom_push(key=XCOM_DIGEST, value=result.digest)
         ti.xcom_push(key=XCOM_TAG, value=result.tag)
         ti.xcom_push(key=XCOM_BUILT, value=result.built)
+        ti.xcom_push(key=XCOM_CODE, value={**revision, "version": code_version(revision), "content_tag": result.tag})
         return result.image

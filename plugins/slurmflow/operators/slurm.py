@@ -12,7 +12,7 @@ from airflow.providers.common.compat.sdk import AirflowException, AirflowFailExc
 
 from slurmflow.errors import SlurmError, SlurmSubmitError
 from slurmflow.hooks.slurm import SlurmHook
-from slurmflow.identity import JobKey, generation_of
+from slurmflow.identity import JobIdentity, JobKey, generation_of
 from slurmflow.links import SlurmJobLink, job_url
 from slurmflow.operators.outcome import (
     DEFAULT_RETRY_STATES,
@@ -172,8 +172,7 @@ class SlurmSubmitJobOperator(BaseOperator):
         #: The rendered sbatch script (filled in when templates are rendered, before execute).
         self.sbatch_script = ""
         self._script: SbatchScript | None = None
-        self._key: JobKey | None = None
-        self._generation = 0
+        self._identity: JobIdentity | None = None
         self._job_id: str | None = None
 
     @cached_property
@@ -202,10 +201,12 @@ class SlurmSubmitJobOperator(BaseOperator):
     def _prepare(self, context: Context) -> SbatchScript:
         ti = context["ti"]
         map_index = getattr(ti, "map_index", -1)
-        self._key = JobKey(ti.dag_id, ti.run_id, ti.task_id, -1 if map_index is None else int(map_index))
-        self._generation = generation_of(getattr(ti, "max_tries", 0), self.retries)
-        job_dir = self._key.job_dir(self.hook.job_root, self._generation)
-        self._script = self.build(job_dir, self._key.job_name(self._generation), self._key.comment(self._generation))
+        self._identity = JobIdentity(
+            JobKey(ti.dag_id, ti.run_id, ti.task_id, -1 if map_index is None else int(map_index)),
+            generation_of(getattr(ti, "max_tries", 0), self.retries),
+        )
+        ident = self._identity
+        self._script = self.build(ident.job_dir(self.hook.job_root), ident.job_name, ident.comment)
         self.sbatch_script = render_script(self._script, template=self.template, template_dir=self.template_dir)
         return self._script
 
@@ -231,8 +232,8 @@ class SlurmSubmitJobOperator(BaseOperator):
     def preview_script(self, run_id: str = "dry_run") -> str:
         """The sbatch script this task would submit, without a run context or a connection
         (placeholder run id; ``/JOB_ROOT`` unless ``job_root`` is set). Templates are not rendered."""
-        key = JobKey(self.dag_id, run_id, self.task_id)
-        script = self.build(key.job_dir(self.job_root or "/JOB_ROOT", 0), key.job_name(0), key.comment(0))
+        ident = JobIdentity(JobKey(self.dag_id, run_id, self.task_id))
+        script = self.build(ident.job_dir(self.job_root or "/JOB_ROOT"), ident.job_name, ident.comment)
         return render_script(script, template=self.template, template_dir=self.template_dir)
 
     def dry_run(self) -> None:
@@ -243,13 +244,14 @@ class SlurmSubmitJobOperator(BaseOperator):
 
     def execute(self, context: Context) -> dict[str, Any] | None:
         script = self._script or self._prepare(context)
-        assert self._key is not None
+        ident = self._identity
+        assert ident is not None
         secrets_text = render_secrets_file(self.secret_environment) if script.secret_names else None
         try:
             if self.preflight:
                 self.hook.stage(script, self.sbatch_script, secrets_text)
                 self.log.info("Pre-flight (sbatch --test-only): %s", self.hook.test_only(script.script_path))
-            outcome = self.hook.submit(self._key, self._generation, script, self.sbatch_script, secrets_text)
+            outcome = self.hook.submit(ident.key, ident.generation, script, self.sbatch_script, secrets_text)
         except SlurmSubmitError as exc:
             raise AirflowFailException(f"Slurm rejected job {script.job_name}: {exc}") from exc
         except (SlurmError, SlurmParseError) as exc:
@@ -285,7 +287,10 @@ class SlurmSubmitJobOperator(BaseOperator):
             "array_tasks": len(tasks) or None,
             "user": user,
             "action": action,
-            "generation": self._generation,
+            "generation": self._identity.generation,
+            # the one identity of this training: MLflow run key, model version, catalog document
+            "identity": self._identity.as_dict(),
+            "run_key": self._identity.run_key,
             "cluster": self.slurm_conn_id,
             "deadline": self._deadline(),
             "url": job_url(self._url_template(), job_id, self.slurm_conn_id),
@@ -402,10 +407,10 @@ class SlurmSubmitJobOperator(BaseOperator):
         if self._job_id:
             self._cancel_quietly(self._job_id)
             return
-        if self._key is None:
+        if self._identity is None:
             return
         try:
-            found = self.hook.find_jobs(self._key, self._generation)
+            found = self.hook.find_jobs(self._identity.key, self._identity.generation)
         except (SlurmError, SlurmParseError) as exc:
             self.log.error("Could not look up this task's Slurm job to cancel it: %s", exc)
             return

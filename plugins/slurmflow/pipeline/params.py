@@ -15,6 +15,22 @@ RUNTIMES = ("docker", "podman", "charliecloud", "apptainer", "singularity", "pod
 NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 SLURM_TIME = r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$"
 SLURM_MEM = r"^\d+[KMGT]?$"
+SLURM_NAME = r"^[A-Za-z0-9_.-]{1,64}$"
+
+
+def optional(pattern: str | None = None, *, enum: tuple[str, ...] | None = None, **kwargs) -> Param:
+    """An optional string: ``null`` (an empty field in the form) means the site default.
+
+    The Trigger form treats a field as required unless its type admits ``null``; a ``""``
+    default with an "or empty" pattern renders as a required field in error, so the form
+    could not be submitted with its own defaults.
+    """
+    schema: dict = {"type": ["null", "string"], **kwargs}
+    if pattern:
+        schema["pattern"] = pattern
+    if enum:
+        schema["enum"] = [None, *enum]
+    return Param(None, **schema)
 
 
 def model_params(task: str = "surrogate") -> dict[str, Param]:
@@ -23,8 +39,8 @@ def model_params(task: str = "surrogate") -> dict[str, Param]:
         "task": Param(task, type="string", enum=list(TASKS), section="Model",
                       description="Reference task: 'surrogate' (MLP regressor on the Mongo campaign "
                                   "collection) or 'deepcam' (U-Net segmentation of generated climate fields)."),
-        "model_name": Param("", type="string", pattern=r"^([A-Za-z0-9][A-Za-z0-9._-]{0,63})?$", section="Model",
-                            description="Registered model name in MLflow; empty = slurmflow-<task>."),
+        "model_name": optional(NAME, section="Model",
+                               description="Registered model name in MLflow; empty = slurmflow-<task>."),
         "data_collection": Param("borehole", type="string", pattern=NAME, section="Data",
                                  description="surrogate: MongoDB collection in the 'campaigns' database."),
         "data_query": Param({"valid": True}, type="object", section="Data",
@@ -53,12 +69,9 @@ def hyperparameters(lr: float = 3e-3, max_epochs: int = 3, batch_size: int = 128
 def slurm_params() -> dict[str, Param]:
     """Resources; empty partition/account mean the site defaults from Airflow Variables."""
     return {
-        "partition": Param("", type="string", pattern=r"^([A-Za-z0-9_.-]{1,64})?$", section="Slurm",
-                           description="Partition; empty = Variable slurmflow_partition."),
-        "account": Param("", type="string", pattern=r"^([A-Za-z0-9_.-]{1,64})?$", section="Slurm",
-                         description="Account to charge; empty = Variable slurmflow_account."),
-        "qos": Param("", type="string", pattern=r"^([A-Za-z0-9_.-]{1,64})?$", section="Slurm",
-                     description="QOS; empty = the account's default."),
+        "partition": optional(SLURM_NAME, section="Slurm", description="Partition; empty = Variable slurmflow_partition."),
+        "account": optional(SLURM_NAME, section="Slurm", description="Account to charge; empty = Variable slurmflow_account."),
+        "qos": optional(SLURM_NAME, section="Slurm", description="QOS; empty = the account's default."),
         "nodes": Param(1, type="integer", minimum=1, maximum=1024, section="Slurm", description="Nodes."),
         "ntasks_per_node": Param(1, type="integer", minimum=1, maximum=256, section="Slurm",
                                  description="Processes per node (one per GPU for DDP)."),
@@ -70,9 +83,9 @@ def slurm_params() -> dict[str, Param]:
                      description="Memory per node, e.g. 2G or 64000M."),
         "time_limit": Param("00:30:00", type="string", pattern=SLURM_TIME, section="Slurm",
                             description="Wall-clock limit, [D-]HH:MM:SS; training checkpoints 60 s before it."),
-        "container_runtime": Param("", type="string", enum=["", *RUNTIMES], section="Slurm",
-                                   description="Container runtime on the cluster; empty = Variable "
-                                               "slurmflow_container_runtime."),
+        "container_runtime": optional(enum=RUNTIMES, section="Slurm",
+                                      description="Container runtime on the cluster; empty = Variable "
+                                                  "slurmflow_container_runtime."),
     }
 
 

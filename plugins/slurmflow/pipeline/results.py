@@ -117,10 +117,13 @@ def register(
     gpus_per_node: int = 0,
     mlflow: MlflowHook | None = None,
     register_model: bool = True,
+    ssh_client: Any = None,
 ) -> dict[str, Any]:
     """Put one finished training into MLflow (run, and a model version), idempotently.
 
     :param register_model: False logs the run only (a sweep registers just its best trial).
+    :param ssh_client: a connected paramiko client, to log the job's MLflow Model from here
+        when the run lacks it (:func:`ensure_model_logged`); required with ``register_model``.
     :return: ``run_id``, ``experiment``, ``model_name``, ``model_version``, ``run_url``,
         ``model_url``, ``metrics``.
     """
@@ -154,9 +157,33 @@ def register(
         "tags": tags,
     }
     if register_model:
+        ensure_model_logged(mlflow, run_id, ssh_client, job["job_dir"], local_dir)
         version = mlflow.register_model(model_name, run_id, "model", {**tags, "slurmflow.run_key": run_key})
         result.update(model_version=version, model_url=mlflow.ui_url(f"models/{model_name}/versions/{version}"))
     return result
+
+
+def ensure_model_logged(mlflow: MlflowHook, run_id: str, ssh_client: Any, job_dir: str, local_dir: Path) -> None:
+    """Make sure the run holds the job's MLflow Model under ``model/`` before it is registered.
+
+    The training logs it itself when the server is reachable, and the offline replay brings it
+    along otherwise; when neither happened (artifact upload failed mid-way), it is copied off
+    the cluster here and logged from Airflow, so a version never points at a folder without
+    ``MLmodel``.
+
+    :raises ResultMissingError: the job directory has no MLflow Model either.
+    """
+    if any(f.path == "model/MLmodel" for f in mlflow.client.list_artifacts(run_id, "model")):
+        return
+    target = local_dir / "model"
+    with ssh_client.open_sftp() as sftp:
+        try:
+            _download(sftp, posixpath.join(job_dir, "model"), target)
+        except FileNotFoundError:
+            raise ResultMissingError(f"no model/ folder in {job_dir}") from None
+    if not (target / "MLmodel").is_file():
+        raise ResultMissingError(f"{job_dir}/model has no MLmodel: the job did not write an MLflow Model")
+    mlflow.client.log_artifacts(run_id, str(target), "model")
 
 
 def catalog_record(catalog: RunCatalogHook, run_key: str, state: str, *, job: Mapping[str, Any] | None = None,
@@ -173,6 +200,8 @@ def catalog_record(catalog: RunCatalogHook, run_key: str, state: str, *, job: Ma
         fields["mlflow"] = {k: registration[k] for k in ("run_id", "experiment", "model_name", "model_version",
                                                          "run_url", "model_url")}
         fields["metrics"] = registration["metrics"]
+        if registration.get("code"):
+            fields["code"] = registration["code"]
     if manifest:
         fields["data"] = manifest.get("data")
         fields["versions"] = manifest.get("versions")

@@ -13,8 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from airflow.providers.common.compat.sdk import AirflowFailException
+from airflow.providers.standard.decorators.python import _PythonDecoratedOperator
 from airflow.sdk import BaseHook, Variable, get_current_context, task
+from airflow.sdk.bases.decorator import task_decorator_factory
 
+from slurmflow.identity import JobIdentity, JobKey, generation_of
+from slurmflow.links import MlflowModelLink, MlflowRunLink
 from slurmflow.operators.slurm import SlurmSubmitJobOperator
 from slurmflow.pipeline.jobs import Site, sbatch_options, training_job
 
@@ -24,9 +28,36 @@ log = logging.getLogger(__name__)
 AUTH_DIR = ".slurmflow/registry-auth"
 
 
-def run_key(context: dict[str, Any], task_id: str = "train", map_index: int = -1) -> str:
-    """The deterministic key of a training (same as the Slurm layer's job key)."""
-    return f"{context['dag'].dag_id}/{context['run_id']}/{task_id}/{map_index}"
+def identity_of(job: dict[str, Any] | None, context: dict[str, Any], train_task: str = "train") -> JobIdentity:
+    """The identity of the training ``job`` (the train task's ``slurm_job`` record).
+
+    Without a job (the train task never submitted), the identity of the train task in the
+    generation of the *calling* task: a clear of train clears its downstream steps with it.
+    """
+    if job and job.get("identity"):
+        return JobIdentity.from_dict(job["identity"])
+    ti = context["ti"]
+    key = JobKey(context["dag"].dag_id, context["run_id"], train_task)
+    return JobIdentity(key, generation_of(getattr(ti, "max_tries", 0), getattr(ti.task, "retries", 0)))
+
+
+def code_tags(code: dict[str, Any] | None) -> dict[str, str]:
+    """The build_image task's ``code_version`` XCom as tags (run, model version, catalog)."""
+    code = code or {}
+    tags = {"code_version": code.get("version") or "unknown", "code.git_sha": code.get("git_sha"),
+            "code.git_dirty": code.get("git_dirty"), "image.content_tag": code.get("content_tag")}
+    return {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in tags.items() if v is not None}
+
+
+class _MlflowLinkedTask(_PythonDecoratedOperator):
+    """A TaskFlow task with the ``MLflow run`` / ``MLflow model`` buttons on its task page."""
+
+    operator_extra_links = (MlflowRunLink(), MlflowModelLink())
+
+
+def mlflow_task(**kwargs: Any):
+    """``@task``, plus the MLflow extra links (URLs pushed as ``mlflow_run_url``/``mlflow_model_url``)."""
+    return task_decorator_factory(decorated_operator_class=_MlflowLinkedTask, **kwargs)
 
 
 def site_settings(home: str | None = None) -> Site:
@@ -171,7 +202,7 @@ def sweep_job_spec(image: str, trials: list[dict[str, Any]], overrides: dict[str
     }
 
 
-@task(task_id="register", retries=2)
+@mlflow_task(task_id="register", retries=2)
 def register(job: dict[str, Any], image: str) -> dict[str, Any]:
     """Copy the results off the cluster, then log + register them in MLflow (idempotent)."""
     from slurmflow.pipeline.results import collect
@@ -180,32 +211,34 @@ def register(job: dict[str, Any], image: str) -> dict[str, Any]:
     context = get_current_context()
     params = context["params"]
     hook = _slurm_hook()
+    code = code_tags(context["ti"].xcom_pull(task_ids="build_image", key="code_version"))
     with tempfile.TemporaryDirectory(prefix="slurmflow-results-") as tmp:
         local = Path(tmp)
-        manifest = collect(hook.ssh_hook.get_conn(), job["job_dir"], local)
+        ssh = hook.ssh_hook.get_conn()
+        manifest = collect(ssh, job["job_dir"], local)
         script = hook.run(["cat", job["script_path"]]).stdout
         result = register_run(
-            manifest, local, run_key=run_key(context), job=job, image=image, sbatch_script=script,
+            manifest, local, run_key=identity_of(job, context).run_key, job=job, image=image, sbatch_script=script,
+            ssh_client=ssh,
             model_name=params.get("model_name") or f"slurmflow-{params['task']}",
             gpus_per_node=int(params.get("gpus_per_node") or 0),
-            extra_tags={"airflow.dag_id": context["dag"].dag_id, "airflow.run_id": context["run_id"],
-                        "code_version": (manifest.get("versions") or {}).get("git_sha") or "unknown"},
+            extra_tags={"airflow.dag_id": context["dag"].dag_id, "airflow.run_id": context["run_id"], **code},
         )
-    context["ti"].xcom_push(key="mlflow_run_url", value=result["run_url"])
-    context["ti"].xcom_push(key="mlflow_model_url", value=result["model_url"])
-    return {**result, "data": manifest.get("data"), "slurm": manifest.get("slurm"),
+    context["ti"].xcom_push(key=MlflowRunLink.url_key, value=result["run_url"])
+    context["ti"].xcom_push(key=MlflowModelLink.url_key, value=result["model_url"])
+    return {**result, "code": code, "data": manifest.get("data"), "slurm": manifest.get("slurm"),
             "data_spec": (manifest.get("hyperparameters") or {}).get("data"),
             "monitor": manifest.get("monitor")}
 
 
-@task(task_id="register", retries=2)
+@mlflow_task(task_id="register", retries=2)
 def register_sweep(job: dict[str, Any], image: str, trials: list[dict[str, Any]]) -> dict[str, Any]:
     """Log every trial as an MLflow run, register the best trial's model, log a summary run with
     the metric-vs-hyperparameter plot. Idempotent like :func:`register`."""
     import json
 
     from slurmflow.hooks.mlflow import MlflowHook
-    from slurmflow.pipeline.results import collect
+    from slurmflow.pipeline.results import collect, ensure_model_logged
     from slurmflow.pipeline.results import register as register_run
     from slurmflow.pipeline.sweep import best_trial, plot_trials
 
@@ -213,6 +246,8 @@ def register_sweep(job: dict[str, Any], image: str, trials: list[dict[str, Any]]
     params, dag_id, dag_run = context["params"], context["dag"].dag_id, context["run_id"]
     model_name = params.get("model_name") or f"slurmflow-{params['task']}"
     hook, mlflow = _slurm_hook(), MlflowHook()
+    identity = identity_of(job, context)
+    code = code_tags(context["ti"].xcom_pull(task_ids="build_image", key="code_version"))
     script = hook.run(["cat", job["script_path"]]).stdout
     results, monitor = [], {}
     with tempfile.TemporaryDirectory(prefix="slurmflow-sweep-") as tmp:
@@ -222,33 +257,35 @@ def register_sweep(job: dict[str, Any], image: str, trials: list[dict[str, Any]]
             local.mkdir()
             manifest = collect(ssh, f"{job['job_dir']}/trial-{i}", local)
             monitor = manifest.get("monitor") or monitor
-            reg = register_run(manifest, local, run_key=run_key(context, map_index=i), model_name=model_name,
+            reg = register_run(manifest, local, run_key=identity.trial_key(i), model_name=model_name,
                                job={**job, "job_dir": f"{job['job_dir']}/trial-{i}"}, image=image,
                                sbatch_script=script, register_model=False, mlflow=mlflow,
-                               extra_tags={"airflow.dag_id": dag_id, "airflow.run_id": dag_run,
-                                           "slurmflow.sweep": f"{dag_id}/{dag_run}", "slurmflow.trial": str(i)})
+                               extra_tags={"airflow.dag_id": dag_id, "airflow.run_id": dag_run, **code,
+                                           "slurmflow.sweep": identity.run_key, "slurmflow.trial": str(i)})
             results.append({"trial": i, "params": trial, "run_id": reg["run_id"], "run_url": reg["run_url"],
                             "metrics": reg["metrics"], "experiment": reg["experiment"]})
         metric = f"best/{monitor.get('metric') or 'val/loss'}"
         best = best_trial(results, metric, monitor.get("mode") or "min")
+        ensure_model_logged(mlflow, best["run_id"], ssh, f"{job['job_dir']}/trial-{best['trial']}",
+                            Path(tmp) / f"trial-{best['trial']}")
         version = mlflow.register_model(model_name, best["run_id"], "model",
-                                        {"slurmflow.sweep": f"{dag_id}/{dag_run}", "slurmflow.trial": str(best["trial"]),
-                                         "slurm.job_id": str(job["job_id"]), "image": image})
+                                        {"slurmflow.sweep": identity.run_key, "slurmflow.trial": str(best["trial"]),
+                                         "slurm.job_id": str(job["job_id"]), "image": image, **code})
         plot = plot_trials(results, metric, str(Path(tmp) / "metric_vs_hyperparameters.png"))
         (Path(tmp) / "trials.json").write_text(json.dumps(results, indent=2))
         summary = mlflow.log_training(
-            experiment=best["experiment"], run_key=f"{dag_id}/{dag_run}/sweep", run_name=f"sweep {dag_run}",
+            experiment=best["experiment"], run_key=f"{identity.run_key}/sweep", run_name=f"sweep {dag_run}",
             params={"search_space": json.dumps(params["search_space"], sort_keys=True),
                     "search_strategy": params["search_strategy"], "trials": len(trials)},
             metrics={metric: best["metrics"][metric]},
-            tags={"slurmflow.sweep": f"{dag_id}/{dag_run}", "slurm.job_id": str(job["job_id"]), "image": image,
+            tags={"slurmflow.sweep": identity.run_key, "slurm.job_id": str(job["job_id"]), "image": image, **code,
                   "best_trial": str(best["trial"]), "best_run_id": best["run_id"]},
             artifacts={"plots": plot, "sweep": Path(tmp) / "trials.json"},
         )
-    context["ti"].xcom_push(key="mlflow_run_url", value=mlflow.ui_url(f"experiments/-/runs/{summary}"))
-    context["ti"].xcom_push(key="mlflow_model_url", value=mlflow.ui_url(f"models/{model_name}/versions/{version}"))
+    context["ti"].xcom_push(key=MlflowRunLink.url_key, value=mlflow.ui_url(f"experiments/-/runs/{summary}"))
+    context["ti"].xcom_push(key=MlflowModelLink.url_key, value=mlflow.ui_url(f"models/{model_name}/versions/{version}"))
     return {"trials": results, "best": best, "metric": metric, "model_name": model_name, "model_version": version,
-            "summary_run_id": summary}
+            "summary_run_id": summary, "sweep_key": identity.run_key, "code": code}
 
 
 @task(task_id="catalog_sweep", retries=2)
@@ -258,11 +295,11 @@ def catalog_sweep(sweep: dict[str, Any]) -> dict[str, Any]:
 
     context = get_current_context()
     ti = context["ti"]
-    key = f"{context['dag'].dag_id}/{context['run_id']}"
-    doc = RunCatalogHook().record_sweep(key, {
+    doc = RunCatalogHook().record_sweep(sweep["sweep_key"], {
         "dag_id": context["dag"].dag_id, "run_id": context["run_id"], "params": dict(context["params"]),
         "slurm": ti.xcom_pull(task_ids="train"), "image": ti.xcom_pull(task_ids="build_image"),
         "metric": sweep["metric"], "trials": sweep["trials"], "best_trial": sweep["best"]["trial"],
+        "code": sweep["code"],
         "mlflow": {"model_name": sweep["model_name"], "model_version": sweep["model_version"],
                    "summary_run_id": sweep["summary_run_id"]},
     })
@@ -325,9 +362,12 @@ def catalog(train_task: str = "train", register_task: str = "register", image_ta
     job = ti.xcom_pull(task_ids=train_task) or ti.xcom_pull(task_ids=train_task, key="slurm_job")
     registration = ti.xcom_pull(task_ids=register_task)
     image = ti.xcom_pull(task_ids=image_task)
-    key = run_key(context)
+    # One document per generation: a clear of train starts a new one, the old keeps its history.
+    identity = identity_of(job, context, train_task)
+    key = identity.run_key
     hook = RunCatalogHook()
-    common = {"dag_id": context["dag"].dag_id, "run_id": context["run_id"], "params": dict(context["params"])}
+    common = {"dag_id": context["dag"].dag_id, "run_id": context["run_id"], "generation": identity.generation,
+              "params": dict(context["params"])}
     promotion = ti.xcom_pull(task_ids="evaluate_and_promote")
     if promotion:
         common["promotion"] = promotion

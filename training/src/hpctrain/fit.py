@@ -23,9 +23,9 @@ from typing import Any
 import torch
 import yaml
 
-from hpctrain import environment, tracking
+from hpctrain import environment, mlflow_model, tracking
 from hpctrain.errors import EXIT_CONFIG_ERROR, EXIT_PREEMPTED, AlreadyComplete, ConfigError, Preempted
-from hpctrain.export import export_model, rebuild
+from hpctrain.export import export_model, load_model, rebuild
 from hpctrain.job import JobDir
 from hpctrain.lightning_cli import HpcTrainCLI
 from hpctrain.manifest import utc_now, write_manifest
@@ -226,6 +226,12 @@ class FitJob:
             ),
         )
         model_info["weights"] = export_from
+        if example is not None:
+            # The registry's artifact: an MLflow Model in the same folder (no server needed).
+            # Rebuilt from model.pt: a clean module in eval mode, without a trainer to pickle.
+            mlflow_model.save(load_model(self.job.model), self.job.model, example, feature_names=getattr(self.datamodule, "features", None),
+                              metadata_={"hpctrain_format": model_info["format"], "task": manifest["task"]})
+            model_info["mlflow_model"] = mlflow_model.MLMODEL_FILE
         model_info["path"] = self.job.relative(model_info["path"])
         model_info["program_path"] = self.job.relative(model_info["program_path"])
         manifest.update(
