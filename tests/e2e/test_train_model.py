@@ -111,3 +111,73 @@ def test_invalid_params_are_rejected_before_slurm(api, cluster, conf, reason):
     assert reason in str(err.value.detail)
     assert api.get("/dags/train_model/dagRuns?limit=1")["total_entries"] == before
     assert cluster("squeue -h -o %i | wc -l; sacct -n -X -S now-5minutes -o jobid | wc -l") == jobs_before
+
+
+def test_registered_version_is_an_mlflow_model(trained, api, mlflow_client, stack_env, monkeypatch):
+    """MLflow's own loaders read what a real run registered: pyfunc on a DataFrame of the feature
+    columns, the pytorch flavour on a tensor, by alias like a serving client would."""
+    import mlflow
+    import numpy as np
+    import pandas as pd
+    import pymongo
+    import torch
+
+    run, _, model = trained
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", stack_env["MLFLOW_TRACKING_USERNAME"])
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", stack_env["MLFLOW_TRACKING_PASSWORD"])
+    mlflow.set_tracking_uri(stack_env["MLFLOW_TRACKING_URI"])
+    mlflow_client.set_registered_model_alias(model, "champion", "1")
+    features = api.xcom("train_model", run["dag_run_id"], "register")["data_spec"]["init_args"]["features"]
+
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{model}@champion")
+    assert pyfunc.metadata.get_input_schema().input_names() == features
+    docs = list(pymongo.MongoClient(stack_env["MONGO_URI"])["campaigns"]["borehole"].find({}, {"_id": 0}).limit(8))
+    frame = pd.DataFrame(docs)[features]
+    predicted = np.asarray(pyfunc.predict(frame)).reshape(len(frame), -1)
+    native = mlflow.pytorch.load_model(f"models:/{model}/1")
+    expected = native(torch.tensor(frame.to_numpy(np.float32))).detach().numpy()
+    assert np.allclose(predicted, expected, atol=1e-5) and np.isfinite(predicted).all()
+
+
+def test_registered_version_serves_predictions_over_http(trained, api, stack_env):
+    """``mlflow models serve --env-manager local`` on the registered version answers /invocations."""
+    import json
+    import os
+    import socket
+    import sys
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    _, _, model = trained
+    run_features = api.xcom("train_model", trained[0]["dag_run_id"], "register")["data_spec"]
+    features = run_features["init_args"]["features"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    venv_bin = str(Path(sys.executable).parent)  # uvicorn, which the server execs, lives there
+    env = {**os.environ, "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}",
+           "MLFLOW_TRACKING_URI": stack_env["MLFLOW_TRACKING_URI"],
+           "MLFLOW_TRACKING_USERNAME": stack_env["MLFLOW_TRACKING_USERNAME"],
+           "MLFLOW_TRACKING_PASSWORD": stack_env["MLFLOW_TRACKING_PASSWORD"]}
+    server = subprocess.Popen([f"{venv_bin}/mlflow", "models", "serve", "-m", f"models:/{model}/1",
+                               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None, server.stderr.read().decode()[-2000:]
+                assert time.monotonic() < deadline, "mlflow models serve did not come up in 180 s"
+                time.sleep(1)
+        body = {"dataframe_split": {"columns": features, "data": [[1.0] * len(features), [2.0] * len(features)]}}
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        answer = json.loads(urllib.request.urlopen(req, timeout=30).read())
+        assert len(answer["predictions"]) == 2
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)

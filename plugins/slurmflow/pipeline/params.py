@@ -30,6 +30,8 @@ def optional(pattern: str | None = None, *, enum: tuple[str, ...] | None = None,
         schema["pattern"] = pattern
     if enum:
         schema["enum"] = [None, *enum]
+        # the dropdown's label for null (it would read "null")
+        schema["values_display"] = {"null": "(site default)", **{v: v for v in enum}}
     return Param(None, **schema)
 
 

@@ -57,6 +57,27 @@ def input_example(example: torch.Tensor, feature_names: Sequence[str] | None = N
     return array
 
 
+def signature(sample: Any, prediction: Any) -> Any:
+    """The model's signature, spelled out: named double columns (or a float32 tensor with a
+    dynamic batch) in, a float32 tensor out.
+
+    Not :func:`mlflow.models.infer_signature`: with ``mlflow-skinny`` (the image's MLflow) it
+    needs scipy, and without it silently degrades to an untyped ``Any`` schema.
+    """
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema, TensorSpec
+
+    def tensor(array: Any) -> TensorSpec:
+        return TensorSpec(np.dtype("float32"), (-1, *array.shape[1:]))
+
+    if hasattr(sample, "columns"):
+        inputs = Schema([ColSpec("double", str(name)) for name in sample.columns])
+    else:
+        inputs = Schema([tensor(sample)])
+    return ModelSignature(inputs=inputs, outputs=Schema([tensor(prediction)]))
+
+
 def save(model: torch.nn.Module, out_dir: str | os.PathLike[str], example: torch.Tensor,
          feature_names: Sequence[str] | None = None, metadata_: dict[str, Any] | None = None) -> Path:
     """Write ``model`` as an MLflow Model into ``out_dir`` (replacing an earlier one there).
@@ -69,7 +90,6 @@ def save(model: torch.nn.Module, out_dir: str | os.PathLike[str], example: torch
     :return: the folder.
     """
     import mlflow.pytorch
-    from mlflow.models import infer_signature
 
     out = Path(out_dir)
     staging = out.with_name(f".{out.name}.mlflow-tmp")
@@ -80,7 +100,7 @@ def save(model: torch.nn.Module, out_dir: str | os.PathLike[str], example: torch
     mlflow.pytorch.save_model(
         model,
         str(staging),
-        signature=infer_signature(sample, prediction),
+        signature=signature(sample, prediction),
         input_example=sample,
         code_paths=[str(Path(hpctrain.__file__).parent)],
         pip_requirements=_requirements(),
