@@ -206,3 +206,23 @@ def test_the_image_lock_covers_the_training_dependencies() -> None:
             f"{name}=={pins[name]} not in {req.specifier}"
         )
     assert str(pins["torch"]).startswith("2.13.0")
+
+
+def test_source_revision_reads_sha_and_dirty_flag(tmp_path):
+    import subprocess
+
+    from slurmflow.images import code_version, source_revision
+
+    assert source_revision(tmp_path) == {"git_sha": None, "git_dirty": None}
+    assert code_version(source_revision(tmp_path)) == "unknown"
+    git = ["git", "-C", str(tmp_path), "-c", "user.email=t@t", "-c", "user.name=t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (tmp_path / "a.txt").write_text("1")
+    subprocess.run([*git, "add", "a.txt"], check=True)
+    subprocess.run([*git, "commit", "-qm", "one"], check=True)
+    rev = source_revision(tmp_path)
+    assert len(rev["git_sha"]) == 40 and rev["git_dirty"] is False and code_version(rev) == rev["git_sha"]
+    (tmp_path / "untracked.txt").write_text("x")  # not part of the build context: still clean
+    assert source_revision(tmp_path)["git_dirty"] is False
+    (tmp_path / "a.txt").write_text("2")
+    assert code_version(source_revision(tmp_path)) == f"{rev['git_sha']}-dirty"

@@ -94,3 +94,18 @@ def test_decide_never_keeps_two_live_jobs():
 
 def test_requeued_counts_as_live():
     assert decide(0, [job(10, 0, "REQUEUED")]).action == "attach"
+
+
+def test_one_identity_names_job_dir_run_key_and_survives_xcom():
+    from slurmflow.identity import JobIdentity
+
+    key = JobKey("train_model", "manual__2026-01-01T00:00:00+00:00", "train")
+    first, cleared = JobIdentity(key, 0), JobIdentity(key, 1)
+    assert first.job_name == key.job_name(0) and cleared.job_name == key.job_name(1)
+    assert first.job_dir("/jobs").endswith("/train/g0") and cleared.job_dir("/jobs").endswith("/train/g1")
+    assert first.run_key == "train_model/manual__2026-01-01T00:00:00+00:00/train/-1/g0"
+    assert first.run_key != cleared.run_key  # a clear is a new MLflow run, version and catalog document
+    assert first.trial_key(3) == f"{first.run_key}/trial-3"
+    assert JobIdentity.from_dict(cleared.as_dict()) == cleared
+    # the digest (Slurm lookups across generations) ignores the generation
+    assert first.job_name.split(".")[1] == cleared.job_name.split(".")[1]

@@ -93,6 +93,23 @@ def test_retry_reattaches_and_clear_starts_a_new_generation():
     assert ti3.xcom[XCOM_JOB_KEY]["job_id"] != first
     assert ti3.xcom[XCOM_JOB_KEY]["generation"] == 2
     assert cluster.jobs[first].state == "CANCELLED"
+    # The identity travels with the job: the run key names generation 2, the first try's g0.
+    assert ti.xcom[XCOM_JOB_KEY]["run_key"] == "dag/manual__1/train/-1/g0"
+    assert ti3.xcom[XCOM_JOB_KEY]["run_key"] == "dag/manual__1/train/-1/g2"
+    assert ti3.xcom[XCOM_JOB_KEY]["identity"]["generation"] == 2
+
+
+def test_the_result_of_a_finished_job_carries_its_identity():
+    """register reads the train task's *return value*: it must name the same training."""
+    cluster = FakeCluster()
+    op = make(cluster)
+    from slurmflow.identity import JobKey
+
+    cluster.add_job(JobKey("dag", "manual__1", "train").job_name(0), "COMPLETED")
+    ctx, ti = run(op)
+    result = op.execute(ctx)
+    assert result["identity"] == ti.xcom[XCOM_JOB_KEY]["identity"]
+    assert result["run_key"] == "dag/manual__1/train/-1/g0"
 
 
 def test_completed_job_is_reused_without_deferring():

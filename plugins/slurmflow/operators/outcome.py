@@ -49,6 +49,8 @@ def result_dict(snapshot: JobSnapshot, job: Mapping[str, Any]) -> dict[str, Any]
         "cluster": job.get("cluster", ""),
         "action": job.get("action", ""),
         "generation": job.get("generation"),
+        "identity": job.get("identity"),
+        "run_key": job.get("run_key"),
     }
 
 

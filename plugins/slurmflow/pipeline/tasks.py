@@ -29,10 +29,11 @@ AUTH_DIR = ".slurmflow/registry-auth"
 
 
 def identity_of(job: dict[str, Any] | None, context: dict[str, Any], train_task: str = "train") -> JobIdentity:
-    """The identity of the training ``job`` (the train task's ``slurm_job`` record).
+    """The identity of the training ``job`` (the train task's result or ``slurm_job`` record).
 
-    Without a job (the train task never submitted), the identity of the train task in the
-    generation of the *calling* task: a clear of train clears its downstream steps with it.
+    Only the catalog step can meet a run without a job (the train task never submitted): it
+    then records under the train task's key in its *own* generation, since a clear of train
+    clears its downstream steps with it. Steps that need a job use ``JobIdentity.from_dict``.
     """
     if job and job.get("identity"):
         return JobIdentity.from_dict(job["identity"])
@@ -218,7 +219,7 @@ def register(job: dict[str, Any], image: str) -> dict[str, Any]:
         manifest = collect(ssh, job["job_dir"], local)
         script = hook.run(["cat", job["script_path"]]).stdout
         result = register_run(
-            manifest, local, run_key=identity_of(job, context).run_key, job=job, image=image, sbatch_script=script,
+            manifest, local, run_key=JobIdentity.from_dict(job["identity"]).run_key, job=job, image=image, sbatch_script=script,
             ssh_client=ssh,
             model_name=params.get("model_name") or f"slurmflow-{params['task']}",
             gpus_per_node=int(params.get("gpus_per_node") or 0),
@@ -246,7 +247,7 @@ def register_sweep(job: dict[str, Any], image: str, trials: list[dict[str, Any]]
     params, dag_id, dag_run = context["params"], context["dag"].dag_id, context["run_id"]
     model_name = params.get("model_name") or f"slurmflow-{params['task']}"
     hook, mlflow = _slurm_hook(), MlflowHook()
-    identity = identity_of(job, context)
+    identity = JobIdentity.from_dict(job["identity"])
     code = code_tags(context["ti"].xcom_pull(task_ids="build_image", key="code_version"))
     script = hook.run(["cat", job["script_path"]]).stdout
     results, monitor = [], {}
