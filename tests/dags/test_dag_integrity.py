@@ -74,3 +74,25 @@ def test_trigger_form_defaults_are_valid_and_optional_means_null(dagbag, dag_id)
             assert "null" in schema["type"], f"{dag_id}.{name}: a None default needs 'null' in its type"
             if "enum" in schema:
                 assert None in schema["enum"], f"{dag_id}.{name}: an optional enum lists None"
+
+
+@pytest.mark.parametrize("query, ok", [
+    ({"valid": True}, True),
+    ({"day": {"$gte": 1, "$lte": 3}, "$or": [{"holdout": False}, {"kind": {"$in": ["a", "b"]}}]}, True),
+    ({"tags": {"$elemMatch": {"$regex": "^x", "$options": "i"}}}, True),
+    ({"$where": "sleep(1000)"}, False),
+    ({"x": {"$elemMatch": {"$function": {"body": "return 1", "args": [], "lang": "js"}}}}, False),
+    ({"$and": [{"y": {"$accumulator": {}}}]}, False),
+    ({"$expr": {"$gt": ["$a", 1]}}, False),
+])
+def test_mongo_filters_are_data(dagbag, query, ok):
+    """data_query admits field names and plain query operators only, at any depth."""
+    import jsonschema
+
+    for dag_id in ("train_model", "nightly_retrain", "hparam_sweep"):
+        schema = dagbag.dags[dag_id].params.get_param("data_query").schema
+        if ok:
+            jsonschema.validate(query, schema)
+        else:
+            with pytest.raises(jsonschema.ValidationError, match=r"\$"):
+                jsonschema.validate(query, schema)

@@ -34,7 +34,7 @@ def test_nightly_promotes_better_and_keeps_champion_over_worse(run_dag, api, mlf
     assert mlflow_client.get_model_version_by_alias(model, "champion").version == champion.version
     challenger = mlflow_client.get_model_version(model, decision["challenger_version"])
     assert challenger.tags["promotion.decision"] == "rejected"
-    doc = catalog_db["runs"].find_one({"run_key": f"nightly_retrain/{worse['dag_run_id']}/train/-1"})
+    doc = catalog_db["runs"].find_one({"run_key": f"nightly_retrain/{worse['dag_run_id']}/train/-1/g0"})
     assert doc["promotion"]["promote"] is False and doc["promotion"]["reason"] == decision["reason"]
 
 
@@ -54,8 +54,13 @@ def test_sweep_runs_all_trials_as_one_array(run_dag, api, mlflow_client, catalog
     assert [v.run_id for v in mlflow_client.search_model_versions(f"name = '{model}'")] == [best["run_id"]]
     plots = [a.path for a in mlflow_client.list_artifacts(sweep["summary_run_id"], "plots")]
     assert plots == ["plots/metric_vs_hyperparameters.png"]
-    doc = catalog_db["sweeps"].find_one({"sweep_key": f"hparam_sweep/{run['dag_run_id']}"})
+    doc = catalog_db["sweeps"].find_one({"sweep_key": job["run_key"]})
+    assert job["run_key"] == f"hparam_sweep/{run['dag_run_id']}/train/-1/g0"
     assert len(doc["trials"]) == 4 and doc["best_trial"] == best["trial"]
+    # the best trial's registered version is an MLflow Model too
+    version = mlflow_client.search_model_versions(f"name = '{model}'")[0]
+    assert "model/MLmodel" in [a.path for a in mlflow_client.list_artifacts(version.run_id, "model")]
+    assert mlflow_client.get_run(best["run_id"]).data.tags["slurmflow.run_key"] == f"{job['run_key']}/trial-{best['trial']}"
 
 
 def test_backfill_over_two_dates_runs_both(api):

@@ -39,7 +39,7 @@ def test_defaults_train_register_and_catalog(trained, api, mlflow_client, catalo
     assert mlrun.data.tags["code.git_sha"] == subprocess.run(
         ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
     assert version.tags["code_version"] == mlrun.data.tags["code_version"]
-    assert version.tags["image.content_tag"] == mlrun.data.tags["image"].split("@")[0].rsplit(":", 1)[1]
+    assert version.tags["image.content_tag"] == api.xcom("train_model", run["dag_run_id"], "build_image", key="tag")
     doc = catalog_db["runs"].find_one({"run_key": job["run_key"]})
     assert [h["state"] for h in doc["history"]] == ["submitted", "completed", "registered"]
     assert doc["mlflow"]["model_version"] == "1" and doc["slurm"]["job_id"] == job["job_id"]
@@ -53,9 +53,12 @@ def test_rerunning_registration_does_not_duplicate(trained, api, mlflow_client, 
     run, _, model = trained
     run_id = run["dag_run_id"]
     api.post("/dags/train_model/clearTaskInstances",
-             {"dry_run": False, "task_ids": ["register", "catalog"], "dag_run_id": run_id, "reset_dag_runs": True})
+             {"dry_run": False, "only_failed": False, "task_ids": ["register", "catalog"], "dag_run_id": run_id,
+              "reset_dag_runs": True})
     again = api.wait_for_run("train_model", run_id, timeout=300)
     assert again["state"] == "success"
+    tries = {t["task_id"]: t["try_number"] for t in api.task_instances("train_model", run_id)}
+    assert tries["register"] == 2 and tries["train"] == 1, tries  # the clear really re-ran register only
     versions = mlflow_client.search_model_versions(f"name = '{model}'")
     assert [v.version for v in versions] == ["1"]
     assert catalog_db["runs"].count_documents({"run_key": f"train_model/{run_id}/train/-1/g0"}) == 1
@@ -72,7 +75,7 @@ def test_clearing_train_retrains_and_registers_a_new_version(trained, api, mlflo
     first = api.xcom("train_model", run_id, "register")
     old_run = mlflow_client.get_run(first["run_id"])
     api.post("/dags/train_model/clearTaskInstances",
-             {"dry_run": False, "task_ids": ["train"], "include_downstream": True, "dag_run_id": run_id,
+             {"dry_run": False, "only_failed": False, "task_ids": ["train"], "include_downstream": True, "dag_run_id": run_id,
               "reset_dag_runs": True})
     again = api.wait_for_run("train_model", run_id, timeout=600)
     assert again["state"] == "success"
@@ -100,6 +103,9 @@ def test_clearing_train_retrains_and_registers_a_new_version(trained, api, mlflo
     ({"partition": "debug; touch /tmp/pwned"}, "partition"),
     ({"task": "gpt5"}, "task"),
     ({"time_limit": "forever"}, "time_limit"),
+    ({"data_query": {"$where": "sleep(100000)"}}, "$where"),  # server-side JavaScript
+    ({"data_query": {"day": {"$lte": 3}, "$or": [{"x": {"$function": {}}}]}}, "$function"),
+    ({"data_query": {"$expr": {"$gt": ["$a", 1]}}}, "$expr"),
 ])
 def test_invalid_params_are_rejected_before_slurm(api, cluster, conf, reason):
     api.wait_for_dag("train_model")

@@ -45,3 +45,24 @@ def test_catalog_upserts_and_keeps_history(stack_connections):
     assert doc["slurm"]["job_id"] == "7" and doc["mlflow"]["model_version"] == "1"
     assert catalog.db["runs"].count_documents({"run_key": key}) == 1
     catalog.hook.get_conn().drop_database(catalog.db.name)
+
+
+def test_reading_the_champion_on_doubt_raises_instead_of_meaning_none(stack_connections, stack_env, monkeypatch):
+    """Promotion never on doubt: only MLflow's "no such alias / model" reads as "no champion";
+    a refused login (or any other error) raises, so the promote task fails and retries."""
+    import json
+
+    from mlflow.exceptions import MlflowException
+
+    hook = MlflowHook()
+    name = f"test-model-{uuid.uuid4().hex[:6]}"
+    assert hook.version_by_alias(name, "champion") is None  # no such model
+    hook.client.create_registered_model(name)
+    assert hook.version_by_alias(name, "champion") is None  # model without that alias
+    # The hook writes MLflow's credentials into the environment: let monkeypatch restore them.
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", stack_env["MLFLOW_TRACKING_USERNAME"])
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", stack_env["MLFLOW_TRACKING_PASSWORD"])
+    wrong = {**stack_connections["mlflow_default"], "password": "not-the-password"}
+    monkeypatch.setenv("AIRFLOW_CONN_MLFLOW_WRONG", json.dumps(wrong))
+    with pytest.raises(MlflowException, match="401|UNAUTHENTICATED|not authenticated"):
+        MlflowHook("mlflow_wrong").version_by_alias(name, "champion")

@@ -136,13 +136,32 @@ class MlflowHook(BaseHook):
         return mv.version
 
     def version_by_alias(self, name: str, alias: str):
-        """The model version holding ``alias``, or None."""
+        """The model version holding ``alias``, or None when MLflow says there is none.
+
+        Only a real "no such alias / no such model" means None; any other error (auth, network,
+        a server error) raises, so a promotion never mistakes doubt for "no champion yet".
+        """
         from mlflow.exceptions import MlflowException
 
         try:
             return self.client.get_model_version_by_alias(name, alias)
-        except MlflowException:
-            return None
+        except MlflowException as exc:
+            if is_missing(exc):
+                return None
+            raise
 
     def set_alias(self, name: str, alias: str, version: str) -> None:
         self.client.set_registered_model_alias(name, alias, version)
+
+
+def is_missing(exc: Exception) -> bool:
+    """MLflow's answer "that model or alias does not exist" (not an auth, network or server error).
+
+    A missing model is ``RESOURCE_DOES_NOT_EXIST``; a missing alias on an existing model is
+    ``INVALID_PARAMETER_VALUE`` with "alias ... not found" (MLflow 3.17's registry).
+    """
+    code = str(getattr(exc, "error_code", ""))
+    message = str(exc).lower()
+    return code == "RESOURCE_DOES_NOT_EXIST" or (
+        code == "INVALID_PARAMETER_VALUE" and "alias" in message and "not found" in message
+    )

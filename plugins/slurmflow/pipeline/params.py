@@ -18,6 +18,37 @@ SLURM_MEM = r"^\d+[KMGT]?$"
 SLURM_NAME = r"^[A-Za-z0-9_.-]{1,64}$"
 
 
+#: The MongoDB query operators a user may type in a filter (data_query). Everything else with a
+#: ``$`` is refused at trigger time: ``$where``, ``$function``, ``$accumulator`` run JavaScript on
+#: the server, and ``$expr`` can wrap them.
+MONGO_QUERY_OPERATORS = (
+    "$eq", "$ne", "$gt", "$gte", "$lt", "$lte", "$in", "$nin",  # comparison
+    "$and", "$or", "$nor", "$not",  # logical
+    "$exists", "$type",  # element
+    "$regex", "$options", "$mod", "$all", "$elemMatch", "$size",  # evaluation (no JS), arrays
+)
+
+
+def mongo_filter_schema() -> dict:
+    """JSON schema of a MongoDB filter that is *data*: field names (not starting with ``$``) and
+    the :data:`MONGO_QUERY_OPERATORS`, at any depth. Airflow validates ``conf`` against it when a
+    run is created, so a refused operator is an HTTP 400 naming it, before anything runs."""
+    key = {"anyOf": [{"pattern": r"^[^$]"}, {"enum": list(MONGO_QUERY_OPERATORS)}],
+           "description": "a field name or an allowed query operator"}
+    return {
+        "propertyNames": key,
+        "additionalProperties": {"$ref": "#/$defs/value"},
+        "$defs": {
+            "filter": {"type": "object", "propertyNames": key, "additionalProperties": {"$ref": "#/$defs/value"}},
+            "value": {"anyOf": [
+                {"type": ["string", "number", "boolean", "null"]},
+                {"type": "array", "items": {"$ref": "#/$defs/value"}},
+                {"$ref": "#/$defs/filter"},
+            ]},
+        },
+    }
+
+
 def optional(pattern: str | None = None, *, enum: tuple[str, ...] | None = None, **kwargs) -> Param:
     """An optional string: ``null`` (an empty field in the form) means the site default.
 
@@ -45,8 +76,10 @@ def model_params(task: str = "surrogate") -> dict[str, Param]:
                                description="Registered model name in MLflow; empty = slurmflow-<task>."),
         "data_collection": Param("borehole", type="string", pattern=NAME, section="Data",
                                  description="surrogate: MongoDB collection in the 'campaigns' database."),
-        "data_query": Param({"valid": True}, type="object", section="Data",
-                            description="surrogate: MongoDB filter selecting the training documents."),
+        "data_query": Param({"valid": True}, type="object", section="Data", **mongo_filter_schema(),
+                            description="surrogate: MongoDB filter selecting the training documents "
+                                        "(field names and query operators such as $gte, $in; no "
+                                        "$where/$function/$expr)."),
         "data_seed": Param(0, type="integer", minimum=0, maximum=2**31 - 1, section="Data",
                            description="deepcam: seed of the generated fields (the data set's identity)."),
     }
