@@ -108,12 +108,10 @@ class AirflowUI:
     # --- the Trigger form ---------------------------------------------------------------------
 
     def open_trigger_form(self, dag_id: str) -> WebElement:
-        """Open the DAG's page and its Trigger dialog; expand every Params section."""
+        """Open the DAG's page and its Trigger dialog (Params sections stay closed; see :meth:`reveal`)."""
         self.open(f"/dags/{dag_id}")
         self.click(self.button("Trigger"))
-        dialog = wait_for(self.dialog, 30, "the Trigger dialog")
-        self.expand_sections()
-        return dialog
+        return wait_for(self.dialog, 30, "the Trigger dialog")
 
     def dialog(self) -> WebElement | None:
         """The open Trigger dialog (other ``role=dialog`` elements are dropdowns and tooltips)."""
@@ -123,11 +121,6 @@ class AirflowUI:
 
     def sections(self) -> list[WebElement]:
         return self.driver.find_elements(By.CSS_SELECTOR, "[data-scope=accordion][data-part=item-trigger]")
-
-    def expand_sections(self) -> None:
-        names = [t.text.strip() for t in self.sections() if t.text.strip() != "Advanced Options"]
-        for name in names:
-            wait_for(lambda n=name: self._expand(n), 15, f"section {name} to open")
 
     def _expand(self, name: str) -> bool:
         trigger = next(t for t in self.sections() if t.text.strip() == name)
@@ -146,8 +139,7 @@ class AirflowUI:
             raise AssertionError(f"the {mode} mode of the Trigger form is disabled")
         label = self.driver.find_element(By.CSS_SELECTOR, f"label[for='{radio.get_attribute('id')}']")
         self.click(label)
-        time.sleep(0.5)
-        self.expand_sections()
+        wait_for(lambda: radio.get_attribute("checked") is not None or radio.is_selected(), 10, f"the {mode} mode")
 
     def sections_in_error(self) -> list[str]:
         """Params sections the form marks in error: their title gets an error icon (an svg next

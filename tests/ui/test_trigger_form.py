@@ -6,6 +6,7 @@ disabled): these tests press the buttons a person presses.
 
 from __future__ import annotations
 
+import re
 import uuid
 
 import pytest
@@ -31,6 +32,8 @@ def test_trigger_form_is_submittable_with_its_defaults(ui, api, dag_id):
     # enums are dropdowns (react-select keeps the value in a hidden input), objects are JSON editors
     assert ui.field("task").get_attribute("type") == "hidden"
     assert ui.field("container_runtime").get_attribute("value") == "__null__"
+    ui.reveal("data_query")
+    assert '"valid": true' in ui.json_editor_text("data_query")
     save_page(ui, f"form-{dag_id}")
 
 
@@ -100,6 +103,7 @@ def test_train_from_the_form_then_read_the_job_log_and_follow_the_mlflow_link(ui
     assert href == reg["run_url"]
     with ui.basic_auth(stack_env["MLFLOW_TRACKING_USERNAME"], stack_env["MLFLOW_TRACKING_PASSWORD"]):
         ui.driver.get(href)
-        wait_for(lambda: str(job["job_id"]) in ui.page_text() and reg["run_id"] in ui.page_text(), 60,
+        tag = re.compile(rf"slurm\.job_id\W+{job['job_id']}\b")
+        wait_for(lambda: reg["run_id"] in ui.page_text() and tag.search(ui.page_text()), 60,
                  "the MLflow run page with the run id and its slurm.job_id tag")
         save_page(ui, "mlflow-run")
