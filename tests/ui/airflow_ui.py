@@ -141,6 +141,25 @@ class AirflowUI:
         self.click(label)
         wait_for(lambda: radio.get_attribute("checked") is not None or radio.is_selected(), 10, f"the {mode} mode")
 
+    def set_backfill_range(self, start: str, end: str) -> None:
+        """Fill the Backfill mode's From / To pickers (``YYYY/MM/DD``, midnight)."""
+        def picker(i: int) -> WebElement:
+            return self.driver.find_elements(By.CSS_SELECTOR, "[data-testid=datetime-input]")[i]
+
+        for i, day in enumerate((start, end)):
+            self.click(picker(i))
+            popover = wait_for(lambda: next((p for p in self.driver.find_elements(
+                By.CSS_SELECTOR, "[data-scope=popover][data-part=content]") if p.is_displayed()), None),
+                10, "the date picker")
+            for placeholder, value in (("YYYY/MM/DD", day), ("HH:mm", "00:00")):
+                field = popover.find_element(By.CSS_SELECTOR, f"input[placeholder='{placeholder}']")
+                field.send_keys(Keys.CONTROL, "a")
+                field.send_keys(value)
+            popover.find_element(By.CSS_SELECTOR, "input[placeholder='HH:mm']").send_keys(Keys.ENTER)
+            self.driver.find_element(By.TAG_NAME, "body").send_keys(Keys.ESCAPE)
+            # the picker then shows the date in the UI's own format ("Jan 02, 2026 00:00")
+            wait_for(lambda n=i: "Select date" not in picker(n).text, 10, f"the picker to show {day}")
+
     def sections_in_error(self) -> list[str]:
         """Params sections the form marks in error: their title gets an error icon (an svg next
         to the title text; the open/close chevron lives apart, in the item indicator)."""

@@ -45,6 +45,13 @@ def test_sweep_form_in_backfill_mode_keeps_its_params_valid(ui, api):
     ui.reveal("search_space")
     editor = ui.json_editor_text("search_space")
     assert '"lr"' in editor and '"width"' in editor, editor
+    # Run Backfill waits for a date range only, not for any Param
+    assert ui.submit_button("Run Backfill").get_attribute("disabled") is not None
+    ui.set_backfill_range("2026/01/02", "2026/01/03")
+    wait_for(lambda: ui.submit_button("Run Backfill").get_attribute("disabled") is None, 20,
+             "Run Backfill to be enabled once the date range is set")
+    assert "2 runs will be triggered" in ui.dialog().text  # Airflow's own dry run of the range
+    assert ui.sections_in_error() == [] and ui.invalid_fields() == []
     save_page(ui, "form-hparam_sweep-backfill")
 
 
