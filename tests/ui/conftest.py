@@ -15,8 +15,6 @@ import pytest
 from scripts.airflow_api import AirflowAPI
 from tests.ui.airflow_ui import AirflowUI, start_chromium
 
-pytestmark = pytest.mark.e2e
-
 OUTPUT = Path(__file__).resolve().parents[2] / "test-output" / "ui"
 
 

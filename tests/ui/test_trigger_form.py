@@ -14,6 +14,8 @@ import pytest
 from tests.ui.airflow_ui import wait_for
 from tests.ui.conftest import save_page
 
+pytestmark = pytest.mark.e2e  # a real browser on the real stack: not part of `make test-unit`
+
 DAGS = ("train_model", "nightly_retrain", "hparam_sweep")
 
 
