@@ -66,3 +66,47 @@ def test_reading_the_champion_on_doubt_raises_instead_of_meaning_none(stack_conn
     monkeypatch.setenv("AIRFLOW_CONN_MLFLOW_WRONG", json.dumps(wrong))
     with pytest.raises(MlflowException, match="401|UNAUTHENTICATED|not authenticated"):
         MlflowHook("mlflow_wrong").version_by_alias(name, "champion")
+
+
+def test_a_run_without_its_mlflow_model_gets_it_from_the_job_directory(stack_connections, tmp_path):
+    """The fallback of register: the training could not log model/ (upload failed mid-way), so
+    Airflow copies the job's MLflow Model off the cluster over SFTP and logs it; MLflow's own
+    loader then reads the run's model."""
+    import mlflow
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    from hpctrain import mlflow_model
+    from slurmflow.hooks.slurm import SlurmHook
+    from slurmflow.pipeline.results import ResultMissingError, ensure_model_logged
+
+    built = tmp_path / "built"
+    mlflow_model.save(torch.nn.Linear(3, 1).eval(), built / "model", torch.ones(2, 3), feature_names=["a", "b", "c"])
+    slurm = SlurmHook()
+    job_dir = f"{slurm.job_root}/it_registration/{uuid.uuid4().hex}"
+    files = sorted(p for p in (built / "model").rglob("*") if p.is_file())
+    slurm.make_dirs(sorted({f"{job_dir}/model/{p.parent.relative_to(built / 'model')}" for p in files}))
+    for p in files:
+        slurm.upload(f"{job_dir}/model/{p.relative_to(built / 'model')}", p.read_bytes())
+
+    hook = MlflowHook()
+    run_id = hook.log_training(experiment="test-registration", run_key=f"it/{uuid.uuid4().hex}/train/-1/g0",
+                               run_name="t", params={}, metrics={}, tags={})
+    assert hook.client.list_artifacts(run_id, "model") == []
+    ssh = slurm.ssh_hook.get_conn()
+    ensure_model_logged(hook, run_id, ssh, job_dir, tmp_path / "copy")
+    paths = {a.path for a in hook.client.list_artifacts(run_id, "model")}
+    assert "model/MLmodel" in paths
+    ensure_model_logged(hook, run_id, ssh, f"{job_dir}/gone", tmp_path / "again")  # present: nothing to do
+
+    mlflow.set_tracking_uri(hook.tracking_uri)
+    pyfunc = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+    frame = pd.DataFrame(np.ones((2, 3)), columns=["a", "b", "c"])
+    assert np.asarray(pyfunc.predict(frame)).shape == (2, 1)
+
+    bare = hook.log_training(experiment="test-registration", run_key=f"it/{uuid.uuid4().hex}/train/-1/g0",
+                             run_name="t", params={}, metrics={}, tags={})
+    with pytest.raises(ResultMissingError, match="no model/ folder"):
+        ensure_model_logged(hook, bare, ssh, f"{job_dir}/nothing-here", tmp_path / "bare")
+    slurm.remove_tree(job_dir)
