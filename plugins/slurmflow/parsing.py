@@ -66,6 +66,8 @@ class JobRecord:
     :param elapsed_seconds: run time so far, or total once finished.
     :param node_list: nodes the job ran on (``None`` / ``""`` before it started).
     :param source: which tool produced it: ``squeue``, ``sacct`` or ``scontrol``.
+    :param ranged: expanded from one line that stood for several tasks (``123_[2-5%2]``): the
+        state of the range, not the task's own record.
     """
 
     job_id: str
@@ -78,6 +80,7 @@ class JobRecord:
     start: str = ""
     end: str = ""
     source: str = ""
+    ranged: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -164,7 +167,7 @@ def _expand_record(record: JobRecord, raw_id: str) -> list[JobRecord]:
     if not task or not task.startswith("["):
         return [record]
     return [
-        replace(record, job_id=f"{record.base_id}_{index}", array_task=index)
+        replace(record, job_id=f"{record.base_id}_{index}", array_task=index, ranged=True)
         for index in expand_array_indices(task)
     ]
 

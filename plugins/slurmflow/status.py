@@ -277,11 +277,14 @@ def resolve_states(job_ids: Iterable[str], options: ResolveOptions | None = None
 
 def _merge(live: list[JobRecord], accounted: list[JobRecord]) -> list[JobRecord]:
     """Per job or task: accounting's record (richer facts), unless the controller still sees
-    it live or accounting has not caught up with its end yet (slurmdbd lags slurmctld)."""
+    it live, accounting has not caught up with its end yet (slurmdbd lags slurmctld), or
+    accounting only has the array's folded line for it: right after an ``scancel`` of an array,
+    sacct prints ``123_[0-5%2] CANCELLED`` for every task, also for one that had FAILED on its
+    own, whose exit code the controller still shows."""
     by_id = {r.job_id: r for r in accounted}
     for rec in live:
         acc = by_id.get(rec.job_id)
-        if acc is None or not rec.state.is_terminal or not acc.state.is_terminal:
+        if acc is None or acc.ranged or not rec.state.is_terminal or not acc.state.is_terminal:
             by_id[rec.job_id] = rec
     return list(by_id.values())
 

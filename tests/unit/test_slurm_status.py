@@ -122,3 +122,22 @@ def test_snapshot_round_trip():
     job = cluster.add_job("arr", "RUNNING", array=[0, 1], task_states={0: "COMPLETED", 1: "RUNNING"})
     snap = run_sync(resolve_states([job.job_id]), runner(cluster))[job.job_id]
     assert JobSnapshot.from_dict(snap.to_dict()) == snap
+
+
+def test_a_task_that_failed_keeps_its_exit_code_when_accounting_folds_the_cancelled_array():
+    """Right after cancelling the rest of an array, sacct may print one folded line for every
+    task (``119_[0-5%2] CANCELLED``) while the controller still shows task 1 FAILED with exit 7:
+    the failure, and its exit code, must survive into the final snapshot."""
+    squeue = "\n".join(
+        f"119_{t}|119|{t}|sweep|{state}|None|{code}|0|local1|0:01|"
+        for t, state, code in [(0, "CANCELLED", "0:15"), (1, "FAILED", "7:0"), (2, "CANCELLED", "0:0"),
+                               (3, "CANCELLED", "0:0"), (4, "CANCELLED", "0:0"), (5, "CANCELLED", "0:0")]
+    )
+    sacct = ("119_[0-5%2]|119|sweep|CANCELLED by 1001|0:0|00:00:00|0|None assigned|None|"
+             "2026-12-01T23:42:33|None|2026-12-01T23:42:35")
+    outputs = {"squeue": squeue, "sacct": sacct}
+    snaps = run_sync(resolve_states(["119"]), lambda argv: CommandResult(0, outputs[argv[0]] + "\n"))
+    snap = snaps["119"]
+    assert snap.tasks[1].state is SlurmState.FAILED and snap.tasks[1].exit_code == 7
+    assert snap.state.state is SlurmState.FAILED and snap.state.exit_code == 7
+    assert snap.first_failed_task == 1
