@@ -28,6 +28,11 @@ _NAME_RE = re.compile(r"^(?P<prefix>[A-Za-z0-9_.-]*)\.(?P<digest>[0-9a-f]{12})\.
 #: How many earlier generations a lookup asks about (names go on one command line).
 MAX_LOOKBACK_GENERATIONS = 64
 
+#: XCom key of the job record the submit operator pushes (job id, paths, identity...).
+XCOM_JOB_KEY = "slurm_job"
+#: XCom key of the log bytes a trigger has delivered (where a restarted trigger resumes).
+XCOM_LOG_OFFSETS = "slurm_log_offsets"
+
 
 def safe_path_component(text: str, limit: int = 100) -> str:
     """A path component made of ``[A-Za-z0-9_.-]`` only (``manual__2024-01-01T00:00:00+00:00``

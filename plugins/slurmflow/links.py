@@ -18,6 +18,8 @@ from typing import Any
 
 from airflow.providers.common.compat.sdk import BaseOperatorLink, XCom
 
+from slurmflow.identity import XCOM_JOB_KEY
+
 
 class SlurmJobLink(BaseOperatorLink):
     """Link to the Slurm job of a ``SlurmSubmitJobOperator`` task."""
@@ -25,7 +27,7 @@ class SlurmJobLink(BaseOperatorLink):
     name = "Slurm job"
 
     def get_link(self, operator: Any, *, ti_key: Any) -> str:
-        record = XCom.get_value(ti_key=ti_key, key="slurm_job")
+        record = XCom.get_value(ti_key=ti_key, key=XCOM_JOB_KEY)
         if isinstance(record, dict):
             return str(record.get("url") or "")
         return ""

@@ -6,9 +6,9 @@ on one loop), which every interval runs *one* ``squeue`` for all subscribed jobs
 ``sacct`` in rounds where some finished) and one batched log read, over one reused SSH
 connection, and hands each subscription its :class:`PollUpdate`.
 
-The interval backs off with jitter from ``min_interval`` (2 s) to ``max_interval`` (60 s) while
-nothing changes and drops back to the minimum on any state change; jitter keeps many
-triggerers from polling in lockstep. After ``failure_limit`` consecutive failed rounds
+The interval follows :func:`slurmflow.wait.next_interval` (2 s -> 60 s while nothing changes,
+back to the minimum on any state change), with jitter so that many triggerers do not poll in
+lockstep. After ``failure_limit`` consecutive failed rounds
 (unreachable host, Slurm errors, unreadable output) every subscriber gets an error update
 naming the cause, so no trigger waits forever.
 """
@@ -27,11 +27,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from slurmflow.errors import SlurmError
-from slurmflow.logs import DEFAULT_CHUNK_BYTES, LogChunk, LogRead
+from slurmflow.logs import LogChunk, LogRead
 from slurmflow.parsing import SlurmParseError
-from slurmflow.sbatch import expand_log_path
-from slurmflow.states import SlurmState
 from slurmflow.status import JobSnapshot, ResolveOptions
+from slurmflow.wait import LogFollower, next_interval, state_changed
 
 log = logging.getLogger(__name__)
 
@@ -63,20 +62,16 @@ class Subscription:
     """A trigger's interest in one job.
 
     :param job_id: the job (or array) id.
-    :param log_pattern: the ``--output`` pattern to follow (``None``: no log streaming).
-    :param offsets: byte offset per log path already delivered (updated by the poller).
+    :param logs: which log bytes to read each round (``None``: no log streaming); the poller
+        advances it as it reads, so no byte is read twice.
     :param expected_tasks: array size, so vanished finished tasks are looked up in sacct.
     """
 
     job_id: str
-    log_pattern: str | None = None
-    job_name: str = ""
-    user: str = ""
-    offsets: dict[str, int] = field(default_factory=dict)
+    logs: LogFollower | None = None
     expected_tasks: int | None = None
     min_interval: float = 2.0
     max_interval: float = 60.0
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES
     failure_limit: int = 6
     queue: asyncio.Queue[PollUpdate] = field(default_factory=asyncio.Queue)
     last: JobSnapshot | None = None
@@ -85,53 +80,7 @@ class Subscription:
         return await self.queue.get()
 
     def log_reads(self, snap: JobSnapshot) -> list[tuple[str, LogRead]]:
-        return plan_log_reads(
-            self.log_pattern, snap, self.last, self.offsets,
-            user=self.user, job_name=self.job_name, chunk_bytes=self.chunk_bytes,
-        )
-
-
-def plan_log_reads(
-    log_pattern: str | None,
-    snap: JobSnapshot,
-    previous: JobSnapshot | None,
-    offsets: dict[str, int],
-    *,
-    user: str = "",
-    job_name: str = "",
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-) -> list[tuple[str, LogRead]]:
-    """Logs worth reading now: of running jobs/tasks, and once more of those that just ended.
-
-    :return: ``(label, read)`` pairs; label is ``""`` for a plain job, ``"task N"`` for arrays.
-    """
-    if not log_pattern:
-        return []
-    units: list[tuple[str, int | None, SlurmState, SlurmState | None]]
-    if snap.tasks:
-        before = previous.tasks if previous else {}
-        units = [
-            (f"task {t}", t, s.state, before[t].state if t in before else None) for t, s in snap.tasks.items()
-        ]
-    else:
-        units = [("", None, snap.state.state, previous.state.state if previous else None)]
-    reads: list[tuple[str, LogRead]] = []
-    for label, task, state, was in units:
-        ended_now = state.is_terminal and (was is None or not was.is_terminal)
-        if not (state.is_active or ended_now):
-            continue
-        path = expand_log_path(log_pattern, snap.job_id, task, user=user, job_name=job_name)
-        if path is not None:
-            reads.append((label, LogRead(path, offsets.get(path, 0), chunk_bytes)))
-    return reads
-
-
-def state_changed(before: JobSnapshot | None, after: JobSnapshot) -> bool:
-    if before is None:
-        return True
-    if before.state.state != after.state.state or before.state.restarts != after.state.restarts:
-        return True
-    return {t: s.state for t, s in before.tasks.items()} != {t: s.state for t, s in after.tasks.items()}
+        return self.logs.plan(snap) if self.logs else []
 
 
 class ClusterPoller:
@@ -218,12 +167,7 @@ class ClusterPoller:
                     continue
                 changed = await self._round()
                 low, high = self._bounds()
-                if self.failures:
-                    base = min(low * (2 ** min(self.failures, 10)), high)
-                elif changed or self.interval is None:
-                    base = low
-                else:
-                    base = min(self.interval * 1.5, high)
+                base = next_interval(self.interval, low, high, changed=changed, failures=self.failures)
                 self.interval = base
                 delay = base * random.uniform(1 - self.jitter, 1 + self.jitter)
                 await self._sleep(delay)
@@ -307,7 +251,7 @@ class ClusterPoller:
             got: list[tuple[str, LogChunk]] = []
             for label, _read in plans[id(sub)]:
                 chunk = next(by_read)
-                sub.offsets[chunk.path] = chunk.next_offset
+                sub.logs.advance(chunk)
                 got.append((label, chunk))
             sub.last = snap
             sub.queue.put_nowait(PollUpdate(snapshot=snap, chunks=got, round=self.rounds))

@@ -19,10 +19,11 @@ from typing import Any
 
 import jinja2
 
+from slurmflow.paths import SECRETS_FILE_NAME, JobPaths, expand_log_path  # noqa: F401 (re-exported)
+
 #: Where the default template lives: <project>/include/sbatch/job.sh.j2 (Astro layout).
 TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "include" / "sbatch"
 DEFAULT_TEMPLATE = "job.sh.j2"
-SECRETS_FILE_NAME = ".slurmflow-secrets.env"
 
 _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -244,13 +245,17 @@ class SbatchScript:
                     dirs.append(parent)
         return list(dict.fromkeys(dirs))
 
+    def paths(self, user: str = "") -> JobPaths:
+        """Where this job's files live (``user`` fills ``%u`` in the log pattern)."""
+        return JobPaths(self.job_dir, self.output_pattern, user=user, job_name=self.job_name)
+
     @property
     def script_path(self) -> str:
-        return f"{self.job_dir}/job.sbatch"
+        return self.paths().script
 
     @property
     def secrets_path(self) -> str | None:
-        return f"{self.job_dir}/{SECRETS_FILE_NAME}" if self.secret_names else None
+        return self.paths().secrets if self.secret_names else None
 
 
 def absolute(path: str, base: str) -> str:
@@ -367,48 +372,3 @@ def render_secrets_file(secret_environment: Mapping[str, Any]) -> str:
     lines = ["# slurmflow: secrets for this job; mode 600, never copied into the script"]
     lines += [f"export {name}={shlex.quote(value)}" for name, value in sorted(secrets.items())]
     return "\n".join(lines) + "\n"
-
-
-def expand_log_path(pattern: str, job_id: str, array_task: int | None = None, *, user: str = "",
-                    job_name: str = "") -> str | None:
-    """Expand Slurm filename placeholders we can know from outside the job.
-
-    Supports ``%%``, ``%j``, ``%A``, ``%a``, ``%x``, ``%u`` (with optional zero-padding such as
-    ``%4a``). Returns ``None`` when the pattern uses placeholders only the node knows (``%N``,
-    ``%t``, ``%s``...), in which case logs cannot be streamed.
-
-    :param pattern: the ``--output`` pattern.
-    :param job_id: the job id (for arrays: the array job id; the task's own id is unknown here).
-    :param array_task: the array task index, for arrays.
-    """
-    out: list[str] = []
-    i = 0
-    while i < len(pattern):
-        ch = pattern[i]
-        if ch != "%":
-            out.append(ch)
-            i += 1
-            continue
-        match = re.match(r"%(\d*)([%jAaxu])", pattern[i:])
-        if not match:
-            return None
-        width, code = match.group(1), match.group(2)
-        if code == "%":
-            value = "%"
-        elif code in "jA":
-            # For a plain job %A is the job id too; for an array task %j is the task's own job
-            # id, which we do not track: such patterns cannot be expanded.
-            if code == "j" and array_task is not None:
-                return None
-            value = job_id
-        elif code == "a":
-            value = str(array_task) if array_task is not None else "4294967294"
-        elif code == "x":
-            value = job_name
-        else:
-            value = user
-        if width and code in "jAa":
-            value = value.zfill(int(width))
-        out.append(value)
-        i += len(match.group(0))
-    return "".join(out)

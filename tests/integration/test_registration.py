@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 
 import pytest
@@ -47,25 +48,27 @@ def test_catalog_upserts_and_keeps_history(stack_connections):
     catalog.hook.get_conn().drop_database(catalog.db.name)
 
 
-def test_reading_the_champion_on_doubt_raises_instead_of_meaning_none(stack_connections, stack_env, monkeypatch):
+def test_reading_the_champion_on_doubt_raises_instead_of_meaning_none(stack_connections, monkeypatch):
     """Promotion never on doubt: only MLflow's "no such alias / model" reads as "no champion";
     a refused login (or any other error) raises, so the promote task fails and retries."""
     import json
 
     from mlflow.exceptions import MlflowException
 
+    for var in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.delenv(var, raising=False)  # only the hooks' own logins may authenticate
     hook = MlflowHook()
     name = f"test-model-{uuid.uuid4().hex[:6]}"
     assert hook.version_by_alias(name, "champion") is None  # no such model
     hook.client.create_registered_model(name)
     assert hook.version_by_alias(name, "champion") is None  # model without that alias
-    # The hook writes MLflow's credentials into the environment: let monkeypatch restore them.
-    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", stack_env["MLFLOW_TRACKING_USERNAME"])
-    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", stack_env["MLFLOW_TRACKING_PASSWORD"])
     wrong = {**stack_connections["mlflow_default"], "password": "not-the-password"}
     monkeypatch.setenv("AIRFLOW_CONN_MLFLOW_WRONG", json.dumps(wrong))
     with pytest.raises(MlflowException, match="401|UNAUTHENTICATED|not authenticated"):
         MlflowHook("mlflow_wrong").version_by_alias(name, "champion")
+    # Each hook's calls carry its own connection's login; none lands in the process environment.
+    assert hook.version_by_alias(name, "champion") is None
+    assert "MLFLOW_TRACKING_PASSWORD" not in os.environ and "MLFLOW_TRACKING_USERNAME" not in os.environ
 
 
 def test_a_run_without_its_mlflow_model_gets_it_from_the_job_directory(stack_connections, tmp_path):
@@ -94,19 +97,19 @@ def test_a_run_without_its_mlflow_model_gets_it_from_the_job_directory(stack_con
     run_id = hook.log_training(experiment="test-registration", run_key=f"it/{uuid.uuid4().hex}/train/-1/g0",
                                run_name="t", params={}, metrics={}, tags={})
     assert hook.client.list_artifacts(run_id, "model") == []
-    ssh = slurm.ssh_hook.get_conn()
-    ensure_model_logged(hook, run_id, ssh, job_dir, tmp_path / "copy")
+    ensure_model_logged(hook, run_id, slurm, job_dir, tmp_path / "copy")
     paths = {a.path for a in hook.client.list_artifacts(run_id, "model")}
     assert "model/MLmodel" in paths
-    ensure_model_logged(hook, run_id, ssh, f"{job_dir}/gone", tmp_path / "again")  # present: nothing to do
+    ensure_model_logged(hook, run_id, slurm, f"{job_dir}/gone", tmp_path / "again")  # present: nothing to do
 
     mlflow.set_tracking_uri(hook.tracking_uri)
-    pyfunc = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+    with hook.credentials():  # MLflow's own loader builds its own client
+        pyfunc = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
     frame = pd.DataFrame(np.ones((2, 3)), columns=["a", "b", "c"])
     assert np.asarray(pyfunc.predict(frame)).shape == (2, 1)
 
     bare = hook.log_training(experiment="test-registration", run_key=f"it/{uuid.uuid4().hex}/train/-1/g0",
                              run_name="t", params={}, metrics={}, tags={})
     with pytest.raises(ResultMissingError, match="no model/ folder"):
-        ensure_model_logged(hook, bare, ssh, f"{job_dir}/nothing-here", tmp_path / "bare")
+        ensure_model_logged(hook, bare, slurm, f"{job_dir}/nothing-here", tmp_path / "bare")
     slurm.remove_tree(job_dir)

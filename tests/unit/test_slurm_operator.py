@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 from airflow.providers.common.compat.sdk import AirflowException, AirflowFailException
 from airflow.sdk.exceptions import TaskDeferred
@@ -293,3 +296,59 @@ def test_dry_run_shows_the_script_without_a_cluster():
     text = op.preview_script()
     assert "#SBATCH --account=research" in text and "--chdir=/scratch/jobs/" in text
     op.dry_run()
+
+
+def test_blocking_mode_fails_with_the_tail_and_streams_lines_once(tmp_path, capsys):
+    cluster = FakeCluster()
+    op = make(cluster, deferrable=False, poll_interval=0.01, job_root=str(tmp_path))
+    op.__dict__["hook"] = fake_hook(cluster, job_root=str(tmp_path))
+    ctx, ti = run(op)
+    original = cluster._submit
+
+    def submit_and_fail(argv):
+        code, out, err = original(argv)
+        (job,) = cluster.jobs.values()
+        log = Path(argv[-2]).parent / f"slurm-{job.job_id}.out"  # argv[-2]: the script in the job dir
+        log.parent.mkdir(parents=True)
+        log.write_text("epoch 1\nTraceback: boom\n")
+        job.state, job.exit_code = "FAILED", "1:0"
+        return code, out, err
+
+    cluster._submit = submit_and_fail
+    with pytest.raises(AirflowFailException, match="Traceback: boom"):
+        op.execute(ctx)
+    streamed = re.findall(r"\[slurm \d+\] (.+?)\s+\[airflow", capsys.readouterr().out)  # the task log (structlog)
+    assert streamed == ["epoch 1", "Traceback: boom"]
+
+
+class FakeStateStore:
+    """Airflow's task state store: what a sensor keeps between reschedule pokes."""
+
+    def __init__(self):
+        self.data: dict = {}
+
+    def get(self, key, default=None):
+        return self.data.get(key, default)
+
+    def set(self, key, value, retention=None):
+        self.data[key] = value
+
+
+def test_sensor_in_reschedule_mode_remembers_how_long_the_job_has_been_missing(monkeypatch):
+    """Each poke is a new sensor object (a new process): the missing clock lives in the store."""
+    import slurmflow.sensors.slurm as sensor_mod
+
+    cluster, store, clock = FakeCluster(), FakeStateStore(), [1000.0]
+    monkeypatch.setattr(sensor_mod.time, "time", lambda: clock[0])
+
+    def poke():
+        sensor = SlurmJobSensor(task_id="wait", job_id="4242", deferrable=False, mode="reschedule", missing_grace=60)
+        sensor.__dict__["hook"] = fake_hook(cluster)
+        return sensor.poke({"task_state_store": store})
+
+    assert poke() is False
+    clock[0] += 59
+    assert poke() is False
+    clock[0] += 1
+    with pytest.raises(AirflowFailException, match="4242 not found"):
+        poke()

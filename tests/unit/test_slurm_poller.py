@@ -7,8 +7,10 @@ import asyncio
 import pytest
 
 from slurmflow import poller as poller_mod
+from slurmflow.paths import JobPaths
 from slurmflow.poller import ClusterPoller, Subscription, active_pollers, get_poller
 from slurmflow.states import SlurmState
+from slurmflow.wait import LogFollower
 from tests.unit.fixtures.slurm.fakes import FakeAsyncHook, FakeCluster
 
 
@@ -117,7 +119,7 @@ def test_log_lines_of_running_jobs_in_one_batched_read(tmp_path):
 
     async def go():
         poller, hook = make_poller(cluster)
-        subs = [poller.subscribe(sub(j.job_id, log_pattern=str(tmp_path / "slurm-%j.out"))) for j in jobs]
+        subs = [poller.subscribe(sub(j.job_id, logs=LogFollower(JobPaths.for_log(str(tmp_path / "slurm-%j.out"))))) for j in jobs]
         first = [await s.next_update() for s in subs]
         for s in subs:
             poller.unsubscribe(s)

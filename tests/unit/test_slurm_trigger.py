@@ -50,14 +50,21 @@ async def first_event(trigger, during=None):
 
 
 def test_serializes_to_plain_types_and_back():
-    trigger = SlurmJobTrigger(job_id="12", log_pattern="/j/slurm-%j.out", log_offsets={"/j/slurm-12.out": 5},
-                              deadline=123.0, expected_tasks=4)
+    trigger = SlurmJobTrigger(job_id="12", paths={"job_dir": "/j", "output": "/j/slurm-%j.out"},
+                              log_offsets={"/j/slurm-12.out": 5}, settings={"deadline": 123.0}, expected_tasks=4)
     path, kwargs = trigger.serialize()
     assert path == "slurmflow.triggers.slurm.SlurmJobTrigger"
     import json
 
     json.dumps(kwargs)
     assert SlurmJobTrigger(**kwargs).serialize() == (path, kwargs)
+
+
+def test_accepts_the_keywords_of_triggers_serialized_before_the_wait_engine():
+    old = SlurmJobTrigger(job_id="12", log_pattern="/j/slurm-%j.out", user="alice", poll_interval=5.0,
+                          max_poll_interval=30.0, deadline=123.0, missing_grace=60.0, tail_lines=20)
+    assert old.paths.output == "/j/slurm-%j.out" and old.paths.user == "alice"
+    assert (old.settings.poll_interval, old.settings.deadline, old.settings.tail_lines) == (5.0, 123.0, 20)
 
 
 def test_streams_new_lines_then_succeeds(cluster, tmp_path):
@@ -111,7 +118,7 @@ def test_requeue_is_followed_with_restart_count(cluster):
 
 def test_unknown_job_ends_with_an_error_not_a_hang(cluster):
     event = asyncio.run(first_event(make("999", missing_grace=0.05)))
-    assert event["status"] == "error" and "999 not found" in event["message"]
+    assert event["status"] == "missing" and "999 not found" in event["message"]
 
 
 def test_deadline_fires_a_timeout_event(cluster):
@@ -166,10 +173,12 @@ def test_sensor_triggers_never_cancel(cluster):
     assert job.state == "RUNNING"
 
 
-def test_still_deferred_reads_the_task_state(monkeypatch):
+def test_still_deferred_reads_the_task_state_and_its_job(monkeypatch):
     from types import SimpleNamespace
 
     from airflow.sdk.execution_time import task_runner
+
+    from slurmflow.triggers import slurm as trigger_mod
 
     seen = {}
 
@@ -178,10 +187,75 @@ def test_still_deferred_reads_the_task_state(monkeypatch):
         return {"run1": {"train_2": "deferred"}}
 
     monkeypatch.setattr(task_runner.RuntimeTaskInstance, "get_task_states", staticmethod(states))
+    record = {"job_id": "1"}
+    monkeypatch.setattr(trigger_mod, "_get_xcom", lambda ti, key: record if key == "slurm_job" else None)
     trigger = make("1")
     trigger._task_instance = SimpleNamespace(dag_id="d", run_id="run1", task_id="train", map_index=2)
     assert asyncio.run(trigger._still_deferred()) is True
     assert seen == {"dag_id": "d", "task_ids": ["train"], "run_ids": ["run1"], "map_index": 2}
+    record["job_id"] = "2"  # cleared and deferred again, on a new job: this one may go
+    assert asyncio.run(trigger._still_deferred()) is False
     monkeypatch.setattr(task_runner.RuntimeTaskInstance, "get_task_states",
                         staticmethod(lambda **kw: {"run1": {"train_2": "failed"}}))
     assert asyncio.run(trigger._still_deferred()) is False
+
+
+def test_on_kill_leaves_the_job_alone_when_the_api_cannot_answer(cluster, monkeypatch):
+    from types import SimpleNamespace
+
+    from airflow.sdk.execution_time import task_runner
+
+    def unreachable(**kwargs):
+        raise ConnectionError("[Errno 111] Connection refused")
+
+    monkeypatch.setattr(task_runner.RuntimeTaskInstance, "get_task_states", staticmethod(unreachable))
+    job = cluster.add_job("a", "RUNNING")
+    trigger = make(job.job_id)
+    trigger._task_instance = SimpleNamespace(dag_id="d", run_id="r", task_id="train", map_index=-1)
+    asyncio.run(trigger.on_kill())
+    assert job.state == "RUNNING"
+    assert any("leaving the job alone" in line for line in trigger.log.lines)
+    assert not any(c[0] == "scancel" for c in cluster.calls)
+
+
+def test_restarted_trigger_resumes_the_log_after_the_delivered_lines(cluster, tmp_path, monkeypatch):
+    """A trigger run twice (a triggerer restart) shows each line once: the first run records the
+    delivered offsets in XCom, the second starts there."""
+    from types import SimpleNamespace
+
+    from slurmflow.triggers import slurm as trigger_mod
+
+    store: dict[str, object] = {}
+    monkeypatch.setattr(trigger_mod, "_get_xcom", lambda ti, key: store.get(key))
+    monkeypatch.setattr(trigger_mod, "_set_xcom", lambda ti, key, value: store.__setitem__(key, value))
+    job = cluster.add_job("a", "RUNNING")
+    log = tmp_path / f"slurm-{job.job_id}.out"
+    log.write_text("line 1\nline 2\nhalf")
+    ti = SimpleNamespace(dag_id="d", run_id="r", task_id="train", map_index=-1)
+
+    async def run_until_offsets_saved(trigger):
+        gen = trigger.run()
+        task = asyncio.ensure_future(gen.__anext__())
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if store.get("slurm_log_offsets"):
+                break
+        task.cancel()  # the triggerer dies
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    first = make(job.job_id, paths={"job_dir": str(tmp_path), "output": str(tmp_path / "slurm-%j.out")})
+    first._task_instance = ti
+    asyncio.run(run_until_offsets_saved(first))
+    assert store["slurm_log_offsets"] == {str(log): len("line 1\nline 2\n")}
+
+    with log.open("a") as f:
+        f.write(" done\nline 3\n")
+    job.state = "COMPLETED"
+    second = make(job.job_id, paths={"job_dir": str(tmp_path), "output": str(tmp_path / "slurm-%j.out")})
+    second._task_instance = ti
+    event = asyncio.run(first_event(second))
+    assert event["status"] == "success"
+    shown = [line for t in (first, second) for line in t.log.lines if line.startswith("[slurm")]
+    assert shown == [f"[slurm {job.job_id}] line 1", f"[slurm {job.job_id}] line 2",
+                     f"[slurm {job.job_id}] half done", f"[slurm {job.job_id}] line 3"]

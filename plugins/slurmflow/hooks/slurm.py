@@ -12,11 +12,13 @@ import asyncio
 import io
 import posixpath
 import selectors
+import stat
 import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 from typing import Any, Literal
 
 from airflow.providers.common.compat.sdk import BaseHook
@@ -263,6 +265,20 @@ class SlurmHook(BaseHook):
             self._drop_connection()
             raise SlurmConnectionError(f"SFTP upload of {path} to {self.address} failed: {exc}") from exc
 
+    def download(self, remote: str, local: Path) -> bool:
+        """Copy a file or a directory tree from the cluster over SFTP; ``False`` when it does not exist."""
+        client = self._client()
+        try:
+            with client.open_sftp() as sftp:
+                try:
+                    _download(sftp, remote, local)
+                except FileNotFoundError:
+                    return False
+        except OSError as exc:
+            self._drop_connection()
+            raise SlurmConnectionError(f"SFTP download of {remote} from {self.address} failed: {exc}") from exc
+        return True
+
     def remove(self, path: str) -> None:
         """Delete one file (``rm -f``); directories are left alone (see :meth:`remove_tree`)."""
         self.run(["rm", "-f", "--", path])
@@ -414,6 +430,17 @@ class SlurmHook(BaseHook):
             if parsed is not None:
                 jobs.append(ExistingJob(job_id, parsed[1], snap.state.state))
         return jobs
+
+
+def _download(sftp: Any, remote: str, local: Path) -> None:
+    attrs = sftp.stat(remote)
+    if stat.S_ISDIR(attrs.st_mode):
+        local.mkdir(parents=True, exist_ok=True)
+        for entry in sftp.listdir_attr(remote):
+            _download(sftp, posixpath.join(remote, entry.filename), local / entry.filename)
+    else:
+        local.parent.mkdir(parents=True, exist_ok=True)
+        sftp.get(remote, str(local))
 
 
 class SlurmAsyncHook(BaseHook):

@@ -12,7 +12,7 @@ from airflow.providers.common.compat.sdk import AirflowException, AirflowFailExc
 
 from slurmflow.errors import SlurmError, SlurmSubmitError
 from slurmflow.hooks.slurm import SlurmHook
-from slurmflow.identity import JobIdentity, JobKey, generation_of
+from slurmflow.identity import XCOM_JOB_KEY, JobIdentity, JobKey, generation_of
 from slurmflow.links import SlurmJobLink, job_url
 from slurmflow.operators.outcome import (
     DEFAULT_RETRY_STATES,
@@ -22,23 +22,21 @@ from slurmflow.operators.outcome import (
 )
 from slurmflow.operators.waiting import BlockingWaiter
 from slurmflow.parsing import SlurmParseError, expand_array_indices
+from slurmflow.paths import JobPaths
 from slurmflow.sbatch import (
     DEFAULT_TEMPLATE,
     SbatchOptionError,
     SbatchScript,
     build_script,
-    expand_log_path,
     render_script,
     render_secrets_file,
 )
 from slurmflow.status import JobSnapshot
 from slurmflow.triggers.slurm import SlurmJobTrigger
+from slurmflow.wait import WaitEvent, WaitSettings
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
-
-#: XCom key of the job record pushed right after submission (job id, directory, log path).
-XCOM_JOB_KEY = "slurm_job"
 
 
 class SlurmSubmitJobOperator(BaseOperator):
@@ -269,20 +267,20 @@ class SlurmSubmitJobOperator(BaseOperator):
 
         if self.deferrable:
             self.defer(trigger=self._trigger(job), method_name="execute_complete", kwargs={"job": job})
-        return self._wait_blocking(job)
+        return self._wait_blocking(job, context)
 
     def _job_record(self, script: SbatchScript, job_id: str, action: str) -> dict[str, Any]:
         tasks = expand_array_indices(script.options["array"]) if script.is_array else []
         user = str(getattr(self.hook.ssh_hook, "username", "") or "")
-        first_log = expand_log_path(script.output_pattern, job_id, tasks[0] if tasks else None, user=user,
-                                    job_name=script.job_name)
+        paths = script.paths(user)
         return {
             "job_id": job_id,
             "job_name": script.job_name,
             "job_dir": script.job_dir,
-            "script_path": script.script_path,
-            "log_path": first_log or "",
+            "script_path": paths.script,
+            "log_path": paths.log(job_id, tasks[0] if tasks else None) or "",
             "log_pattern": script.output_pattern,
+            "paths": paths.to_dict(),
             "secrets_path": script.secrets_path,
             "array_tasks": len(tasks) or None,
             "user": user,
@@ -309,68 +307,72 @@ class SlurmSubmitJobOperator(BaseOperator):
         seconds = limit.total_seconds() if isinstance(limit, timedelta) else float(limit)
         return time.time() + seconds
 
+    def _wait_settings(self, job: Mapping[str, Any]) -> WaitSettings:
+        return WaitSettings(
+            poll_interval=self.poll_interval,
+            max_poll_interval=self.max_poll_interval,
+            deadline=job["deadline"],
+            missing_grace=self.missing_grace,
+            cancel_array_on_failure=self.cancel_array_on_failure,
+            stream_logs=self.stream_logs,
+            tail_lines=self.log_tail_lines,
+        )
+
+    @staticmethod
+    def _paths(job: Mapping[str, Any]) -> JobPaths:
+        if job.get("paths"):
+            return JobPaths.from_dict(job["paths"])
+        # a record pushed before the paths were recorded (a task resumed across an upgrade)
+        return JobPaths(job["job_dir"], job["log_pattern"], job.get("user", ""), job["job_name"])
+
     def _trigger(self, job: Mapping[str, Any]) -> SlurmJobTrigger:
         return SlurmJobTrigger(
             job_id=job["job_id"],
             slurm_conn_id=self.slurm_conn_id,
-            log_pattern=job["log_pattern"],
-            job_name=job["job_name"],
-            user=job["user"],
+            settings=self._wait_settings(job).to_dict(),
+            paths=self._paths(job).to_dict(),
             expected_tasks=job["array_tasks"],
-            poll_interval=self.poll_interval,
-            max_poll_interval=self.max_poll_interval,
-            deadline=job["deadline"],
             cancel_on_kill=True,
-            cancel_array_on_failure=self.cancel_array_on_failure,
-            stream_logs=self.stream_logs,
-            tail_lines=self.log_tail_lines,
-            missing_grace=self.missing_grace,
         )
 
-    def _wait_blocking(self, job: Mapping[str, Any]) -> dict[str, Any] | None:
+    def _wait_blocking(self, job: Mapping[str, Any], context: Context) -> dict[str, Any] | None:
         waiter = BlockingWaiter(
             hook=self.hook,
             job_id=job["job_id"],
             log=self.log,
-            log_pattern=job["log_pattern"] if self.stream_logs else None,
-            job_name=job["job_name"],
-            user=job["user"],
+            settings=self._wait_settings(job),
+            paths=self._paths(job),
             expected_tasks=job["array_tasks"],
-            poll_interval=self.poll_interval,
-            max_poll_interval=self.max_poll_interval,
-            deadline=job["deadline"],
-            cancel_array_on_failure=self.cancel_array_on_failure,
-            missing_grace=self.missing_grace,
-            tail_line_count=self.log_tail_lines,
         )
-        try:
-            snap = waiter.wait()
-        except TimeoutError as exc:
-            self._cancel_quietly(job["job_id"])
-            raise AirflowException(f"{exc}; job cancelled") from exc
-        except (SlurmError, SlurmParseError, ValueError) as exc:
-            raise AirflowException(f"lost track of Slurm job {job['job_id']}: {exc}") from exc
-        tail = "" if snap.state.is_successful else waiter.tail(snap)
-        return self._finish(snap, job, tail)
+        return self._conclude(waiter.wait(), job, self._last_try(context))
 
     def execute_complete(self, context: Context, event: dict[str, Any], job: dict[str, Any]) -> dict[str, Any] | None:
-        """Resume after the trigger fired: success, failure, timeout or error."""
+        """Resume after the trigger fired: success, failure, timeout, missing or error."""
         self._job_id = job["job_id"]
-        status = event.get("status")
-        message = event.get("message", "")
-        snap = JobSnapshot.from_dict(event["snapshot"]) if event.get("snapshot") else None
-        if status in {"success", "failed"} and snap is not None:
-            return self._finish(snap, job, event.get("log_tail", ""))
-        if status == "timeout":
+        try:
+            parsed = WaitEvent.from_payload(event)
+        except ValueError as exc:
+            raise AirflowException(f"waiting for Slurm job {job['job_id']} failed: {exc}") from exc
+        return self._conclude(parsed, job, self._last_try(context))
+
+    @staticmethod
+    def _last_try(context: Context) -> bool:
+        ti = context["ti"]
+        return getattr(ti, "try_number", 1) > getattr(ti, "max_tries", 0)
+
+    def _conclude(self, event: WaitEvent, job: Mapping[str, Any], last_try: bool) -> dict[str, Any] | None:
+        """From the wait's event to the task's outcome (one rule for both wait modes)."""
+        if event.job_ended:
+            return self._finish(event.snapshot, job, event.log_tail)
+        if event.status == "timeout":
             self._cancel_quietly(job["job_id"])
-            raise AirflowException(f"{message}; job {job['job_id']} cancelled")
+            raise AirflowException(f"{event.message}; job {job['job_id']} cancelled")
         # Polling failed for good (cluster unreachable, job vanished). With retries left the job
         # is left alone: the retry re-attaches to it. On the last try it is cancelled, so no
         # job outlives its task.
-        ti = context["ti"]
-        if getattr(ti, "try_number", 1) > getattr(ti, "max_tries", 0):
+        if last_try:
             self._cancel_quietly(job["job_id"])
-        raise AirflowException(f"waiting for Slurm job {job['job_id']} failed: {message}")
+        raise AirflowException(f"waiting for Slurm job {job['job_id']} failed: {event.message}")
 
     def _finish(self, snap: JobSnapshot, job: Mapping[str, Any], tail: str) -> dict[str, Any] | None:
         if self.cleanup_secrets and job.get("secrets_path"):

@@ -11,13 +11,13 @@ from __future__ import annotations
 import json
 import posixpath
 import re
-import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from slurmflow.hooks.catalog import RunCatalogHook
 from slurmflow.hooks.mlflow import MlflowHook
+from slurmflow.hooks.slurm import SlurmHook
 
 #: what the orchestrator copies back from a job directory (model weights stay in MLflow's store)
 COLLECTED = ("result.json", "tracking.json", "config.yaml", "mlruns-offline")
@@ -27,31 +27,16 @@ class ResultMissingError(RuntimeError):
     """The job ended without a usable ``result.json``."""
 
 
-def _download(sftp: Any, remote: str, local: Path) -> None:
-    attrs = sftp.stat(remote)
-    if stat.S_ISDIR(attrs.st_mode):
-        local.mkdir(parents=True, exist_ok=True)
-        for entry in sftp.listdir_attr(remote):
-            _download(sftp, posixpath.join(remote, entry.filename), local / entry.filename)
-    else:
-        local.parent.mkdir(parents=True, exist_ok=True)
-        sftp.get(remote, str(local))
-
-
-def collect(ssh_client: Any, job_dir: str, local_dir: Path) -> dict[str, Any]:
+def collect(slurm: SlurmHook, job_dir: str, local_dir: Path) -> dict[str, Any]:
     """Copy the job's results into ``local_dir``; return the parsed, completed manifest.
 
-    :param ssh_client: a connected paramiko client (``SlurmHook.ssh_hook.get_conn()``).
+    :param slurm: the cluster's hook (SFTP).
     :param job_dir: the job directory on the cluster.
     :param local_dir: an empty local folder.
     :raises ResultMissingError: no ``result.json`` or a manifest that is not ``completed``.
     """
-    with ssh_client.open_sftp() as sftp:
-        for name in COLLECTED:
-            try:
-                _download(sftp, posixpath.join(job_dir, name), local_dir / name)
-            except FileNotFoundError:
-                continue
+    for name in COLLECTED:
+        slurm.download(posixpath.join(job_dir, name), local_dir / name)
     path = local_dir / "result.json"
     if not path.exists():
         raise ResultMissingError(f"the job wrote no result.json in {job_dir}: see the job log above")
@@ -117,13 +102,13 @@ def register(
     gpus_per_node: int = 0,
     mlflow: MlflowHook | None = None,
     register_model: bool = True,
-    ssh_client: Any = None,
+    slurm: SlurmHook | None = None,
 ) -> dict[str, Any]:
     """Put one finished training into MLflow (run, and a model version), idempotently.
 
     :param register_model: False logs the run only (a sweep registers just its best trial).
-    :param ssh_client: a connected paramiko client, to log the job's MLflow Model from here
-        when the run lacks it (:func:`ensure_model_logged`); required with ``register_model``.
+    :param slurm: the cluster's hook, to log the job's MLflow Model from here when the run
+        lacks it (:func:`ensure_model_logged`); required with ``register_model``.
     :return: ``run_id``, ``experiment``, ``model_name``, ``model_version``, ``run_url``,
         ``model_url``, ``metrics``.
     """
@@ -134,8 +119,9 @@ def register(
     if run_id is None and (local_dir / "mlruns-offline").is_dir():
         from hpctrain.offline import upload  # the compute node was offline: replay its store
 
-        _ = mlflow.client  # sets the credentials upload() reads
-        run_id = upload(local_dir, mlflow.tracking_uri, experiment=experiment, tags={"slurmflow.run_key": run_key})
+        with mlflow.credentials():  # upload() builds its own MLflow clients
+            run_id = upload(local_dir, mlflow.tracking_uri, experiment=experiment,
+                            tags={"slurmflow.run_key": run_key})
     tags = {**slurm_tags(job, image, gpus_per_node), **(extra_tags or {})}
     script = local_dir / "job.sh"
     script.write_text(sbatch_script)
@@ -157,13 +143,13 @@ def register(
         "tags": tags,
     }
     if register_model:
-        ensure_model_logged(mlflow, run_id, ssh_client, job["job_dir"], local_dir)
+        ensure_model_logged(mlflow, run_id, slurm, job["job_dir"], local_dir)
         version = mlflow.register_model(model_name, run_id, "model", {**tags, "slurmflow.run_key": run_key})
         result.update(model_version=version, model_url=mlflow.ui_url(f"models/{model_name}/versions/{version}"))
     return result
 
 
-def ensure_model_logged(mlflow: MlflowHook, run_id: str, ssh_client: Any, job_dir: str, local_dir: Path) -> None:
+def ensure_model_logged(mlflow: MlflowHook, run_id: str, slurm: SlurmHook, job_dir: str, local_dir: Path) -> None:
     """Make sure the run holds the job's MLflow Model under ``model/`` before it is registered.
 
     The training logs it itself when the server is reachable, and the offline replay brings it
@@ -176,11 +162,8 @@ def ensure_model_logged(mlflow: MlflowHook, run_id: str, ssh_client: Any, job_di
     if any(f.path == "model/MLmodel" for f in mlflow.client.list_artifacts(run_id, "model")):
         return
     target = local_dir / "model"
-    with ssh_client.open_sftp() as sftp:
-        try:
-            _download(sftp, posixpath.join(job_dir, "model"), target)
-        except FileNotFoundError:
-            raise ResultMissingError(f"no model/ folder in {job_dir}") from None
+    if not slurm.download(posixpath.join(job_dir, "model"), target):
+        raise ResultMissingError(f"no model/ folder in {job_dir}")
     if not (target / "MLmodel").is_file():
         raise ResultMissingError(f"{job_dir}/model has no MLmodel: the job did not write an MLflow Model")
     mlflow.client.log_artifacts(run_id, str(target), "model")

@@ -17,7 +17,7 @@ from airflow.providers.standard.decorators.python import _PythonDecoratedOperato
 from airflow.sdk import BaseHook, Variable, get_current_context, task
 from airflow.sdk.bases.decorator import task_decorator_factory
 
-from slurmflow.identity import JobIdentity, JobKey, generation_of
+from slurmflow.identity import XCOM_JOB_KEY, JobIdentity, JobKey, generation_of
 from slurmflow.links import MlflowModelLink, MlflowRunLink
 from slurmflow.operators.slurm import SlurmSubmitJobOperator
 from slurmflow.pipeline.jobs import Site, sbatch_options, training_job
@@ -118,7 +118,7 @@ def reap(train_task: str = "train") -> str:
     failed/success or cleared, but only once a triggerer runs it; a task marked failed right after
     deferring, before any triggerer picked the trigger up, would otherwise leave an orphan job.
     """
-    job = get_current_context()["ti"].xcom_pull(task_ids=train_task, key="slurm_job")
+    job = get_current_context()["ti"].xcom_pull(task_ids=train_task, key=XCOM_JOB_KEY)
     if not job:
         return "no job was submitted"
     hook = _slurm_hook()
@@ -215,12 +215,11 @@ def register(job: dict[str, Any], image: str) -> dict[str, Any]:
     code = code_tags(context["ti"].xcom_pull(task_ids="build_image", key="code_version"))
     with tempfile.TemporaryDirectory(prefix="slurmflow-results-") as tmp:
         local = Path(tmp)
-        ssh = hook.ssh_hook.get_conn()
-        manifest = collect(ssh, job["job_dir"], local)
+        manifest = collect(hook, job["job_dir"], local)
         script = hook.run(["cat", job["script_path"]]).stdout
         result = register_run(
             manifest, local, run_key=JobIdentity.from_dict(job["identity"]).run_key, job=job, image=image, sbatch_script=script,
-            ssh_client=ssh,
+            slurm=hook,
             model_name=params.get("model_name") or f"slurmflow-{params['task']}",
             gpus_per_node=int(params.get("gpus_per_node") or 0),
             extra_tags={"airflow.dag_id": context["dag"].dag_id, "airflow.run_id": context["run_id"], **code},
@@ -252,11 +251,10 @@ def register_sweep(job: dict[str, Any], image: str, trials: list[dict[str, Any]]
     script = hook.run(["cat", job["script_path"]]).stdout
     results, monitor = [], {}
     with tempfile.TemporaryDirectory(prefix="slurmflow-sweep-") as tmp:
-        ssh = hook.ssh_hook.get_conn()
         for i, trial in enumerate(trials):
             local = Path(tmp) / f"trial-{i}"
             local.mkdir()
-            manifest = collect(ssh, f"{job['job_dir']}/trial-{i}", local)
+            manifest = collect(hook, f"{job['job_dir']}/trial-{i}", local)
             monitor = manifest.get("monitor") or monitor
             reg = register_run(manifest, local, run_key=identity.trial_key(i), model_name=model_name,
                                job={**job, "job_dir": f"{job['job_dir']}/trial-{i}"}, image=image,
@@ -267,7 +265,7 @@ def register_sweep(job: dict[str, Any], image: str, trials: list[dict[str, Any]]
                             "metrics": reg["metrics"], "experiment": reg["experiment"]})
         metric = f"best/{monitor.get('metric') or 'val/loss'}"
         best = best_trial(results, metric, monitor.get("mode") or "min")
-        ensure_model_logged(mlflow, best["run_id"], ssh, f"{job['job_dir']}/trial-{best['trial']}",
+        ensure_model_logged(mlflow, best["run_id"], hook, f"{job['job_dir']}/trial-{best['trial']}",
                             Path(tmp) / f"trial-{best['trial']}")
         version = mlflow.register_model(model_name, best["run_id"], "model",
                                         {"slurmflow.sweep": identity.run_key, "slurmflow.trial": str(best["trial"]),
@@ -360,7 +358,7 @@ def catalog(train_task: str = "train", register_task: str = "register", image_ta
 
     context = get_current_context()
     ti = context["ti"]
-    job = ti.xcom_pull(task_ids=train_task) or ti.xcom_pull(task_ids=train_task, key="slurm_job")
+    job = ti.xcom_pull(task_ids=train_task) or ti.xcom_pull(task_ids=train_task, key=XCOM_JOB_KEY)
     registration = ti.xcom_pull(task_ids=register_task)
     image = ti.xcom_pull(task_ids=image_task)
     # One document per generation: a clear of train starts a new one, the old keeps its history.

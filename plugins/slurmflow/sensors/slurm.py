@@ -11,20 +11,25 @@ from typing import TYPE_CHECKING, Any
 from airflow.providers.common.compat.sdk import (
     AirflowException,
     AirflowFailException,
+    AirflowSensorTimeout,
     BaseSensorOperator,
     PokeReturnValue,
 )
 
 from slurmflow.errors import SlurmError
 from slurmflow.hooks.slurm import SlurmHook
+from slurmflow.logs import DEFAULT_TAIL_BYTES
 from slurmflow.operators.outcome import DEFAULT_RETRY_STATES, normalize_states, raise_for_failure
 from slurmflow.parsing import SlurmParseError, split_job_id
-from slurmflow.states import SlurmState
-from slurmflow.status import JobSnapshot
+from slurmflow.paths import JobPaths
 from slurmflow.triggers.slurm import SlurmJobTrigger
+from slurmflow.wait import WaitEngine, WaitEvent, WaitSettings
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
+
+#: Task-state-store key of the wait engine's state (kept across reschedule pokes).
+_STATE_KEY = "slurm_wait"
 
 
 class SlurmJobSensor(BaseSensorOperator):
@@ -70,7 +75,8 @@ class SlurmJobSensor(BaseSensorOperator):
         self.log_path = log_path
         self.max_poll_interval = max_poll_interval
         self.missing_grace = missing_grace
-        self._missing_since: float | None = None
+        #: the wait engine's state between pokes when no task state store is at hand
+        self._engine_state: dict[str, Any] | None = None
 
     @cached_property
     def hook(self) -> SlurmHook:
@@ -85,71 +91,85 @@ class SlurmJobSensor(BaseSensorOperator):
             raise AirflowFailException(f"SlurmJobSensor waits for whole jobs or arrays, not task {self.job_id!r}")
         return base
 
+    def _settings(self, deadline: float | None = None) -> WaitSettings:
+        poke = self.poke_interval.total_seconds() if isinstance(self.poke_interval, timedelta) else self.poke_interval
+        return WaitSettings(
+            poll_interval=float(poke),
+            max_poll_interval=max(float(poke), self.max_poll_interval),
+            deadline=deadline,
+            missing_grace=self.missing_grace,
+            stream_logs=self.log_path is not None,
+        )
+
+    def _paths(self) -> JobPaths | None:
+        if not self.log_path:
+            return None
+        return JobPaths.for_log(self.log_path, user=str(getattr(self.hook.ssh_hook, "username", "") or ""))
+
     def execute(self, context: Context) -> Any:
         job_id = self._job_id()
         if not self.deferrable:
             return super().execute(context)
         timeout = self.timeout.total_seconds() if isinstance(self.timeout, timedelta) else self.timeout
+        paths = self._paths()
         self.defer(
             trigger=SlurmJobTrigger(
                 job_id=job_id,
                 slurm_conn_id=self.slurm_conn_id,
-                log_pattern=self.log_path,
-                stream_logs=self.log_path is not None,
-                poll_interval=float(self.poke_interval if not isinstance(self.poke_interval, timedelta)
-                                    else self.poke_interval.total_seconds()),
-                max_poll_interval=self.max_poll_interval,
-                deadline=time.time() + float(timeout) if timeout else None,
+                settings=self._settings(time.time() + float(timeout) if timeout else None).to_dict(),
+                paths=paths.to_dict() if paths else None,
                 cancel_on_kill=False,
-                missing_grace=self.missing_grace,
             ),
             method_name="execute_complete",
         )
 
     def poke(self, context: Context) -> PokeReturnValue | bool:
+        """One step of the wait engine; its state (how long the job has been missing) is kept in
+        the task state store, so it survives ``mode="reschedule"``."""
         job_id = self._job_id()
+        engine = WaitEngine(job_id, self._settings(), self._paths())
+        store = context.get("task_state_store")
+        engine.restore(store.get(_STATE_KEY) if store is not None else self._engine_state)
         try:
             snap = self.hook.get_states([job_id])[job_id]
         except (SlurmError, SlurmParseError) as exc:
             # A transient problem: log and poke again; the sensor timeout bounds the wait.
             self.log.warning("Could not read the state of Slurm job %s: %s", job_id, exc)
             return False
-        self.log.info("Slurm job %s: %s", job_id, snap.state)
-        if snap.state.state is SlurmState.UNKNOWN:
-            self._missing_since = self._missing_since or time.monotonic()
-            if time.monotonic() - self._missing_since >= self.missing_grace:
-                raise AirflowFailException(f"Slurm job {job_id} not found by squeue, sacct or scontrol")
+        step = engine.observe(snap, time.time())
+        for message in step.messages:
+            self.log.info("%s", message)
+        self._engine_state = engine.state()
+        if store is not None:
+            store.set(_STATE_KEY, self._engine_state)
+        if step.event is None:
             return False
-        self._missing_since = None
-        if not snap.state.is_terminal:
-            return False
-        return self._outcome(snap, tail=self._tail(snap))
+        event = step.event
+        if step.tail_path:
+            event = engine.with_tail(event, self._tail(step.tail_path))
+        return PokeReturnValue(is_done=True, xcom_value=self._outcome(event))
 
-    def _tail(self, snap: JobSnapshot) -> str:
-        if snap.state.is_successful or not self.log_path:
-            return ""
-        from slurmflow.logs import tail_lines
-        from slurmflow.sbatch import expand_log_path
-
-        task = snap.first_failed_task
-        path = expand_log_path(self.log_path, snap.job_id, task)
+    def _tail(self, path: str) -> bytes | str:
         try:
-            return tail_lines(self.hook.tail(path), 50) if path else ""
+            return self.hook.tail(path, DEFAULT_TAIL_BYTES)
         except SlurmError as exc:
             return f"(could not read {path}: {exc})"
 
-    def _outcome(self, snap: JobSnapshot, tail: str) -> PokeReturnValue:
-        if not snap.state.is_successful:
-            raise_for_failure(snap, self.retry_states, tail)
-        return PokeReturnValue(is_done=True, xcom_value=snap.facts())
+    def _outcome(self, event: WaitEvent) -> dict[str, Any]:
+        """The job's facts (XCom) when it COMPLETED; otherwise the exception its end calls for."""
+        if event.job_ended:
+            if not event.snapshot.state.is_successful:
+                raise_for_failure(event.snapshot, self.retry_states, event.log_tail)
+            return event.snapshot.facts()
+        if event.status == "timeout":
+            raise AirflowSensorTimeout(event.message or "Slurm job still running at the sensor timeout")
+        if event.status == "missing":
+            raise AirflowFailException(event.message)
+        raise AirflowException(f"waiting for Slurm job {self.job_id} failed: {event.message}")
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
-        status = event.get("status")
-        if status in {"success", "failed"} and event.get("snapshot"):
-            snap = JobSnapshot.from_dict(event["snapshot"])
-            return self._outcome(snap, event.get("log_tail", "")).xcom_value
-        if status == "timeout":
-            from airflow.providers.common.compat.sdk import AirflowSensorTimeout
-
-            raise AirflowSensorTimeout(event.get("message", "Slurm job still running at the sensor timeout"))
-        raise AirflowException(f"waiting for Slurm job {self.job_id} failed: {event.get('message')}")
+        try:
+            parsed = WaitEvent.from_payload(event)
+        except ValueError as exc:
+            raise AirflowException(f"waiting for Slurm job {self.job_id} failed: {exc}") from exc
+        return self._outcome(parsed)

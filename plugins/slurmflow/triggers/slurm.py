@@ -9,14 +9,20 @@ Design (Airflow 3.3):
   logged inside a trigger's coroutine to that task instance's log (the ``.trigger.<id>.log``
   part the UI shows with the task log), so lines appear while the job runs without waking a
   worker. (The poller itself runs in a fresh context so it never logs into one task's log.)
-* **One event.** The trigger fires exactly one event, when the job reaches a terminal state,
-  the deadline passes, or polling fails for good; errors become ``status: error`` events,
-  never exceptions.
+* **One rule.** Every decision (done, failed, missing, cancel the rest, which log lines) is the
+  wait engine's (:mod:`slurmflow.wait`); the trigger only does its I/O. It fires exactly one
+  :class:`~slurmflow.wait.WaitEvent`; errors become ``status: error`` events, never exceptions.
+* **Lines once.** After each batch of lines it records the delivered byte offsets in the task
+  instance's XCom (``slurm_log_offsets``); a trigger restarted by a new triggerer resumes there,
+  so no line shows twice. Until it can read that record (API unreachable) it follows the
+  job's state only.
 * **Cancel means cancel.** Airflow does not call ``BaseOperator.on_kill`` for deferred tasks.
   Airflow 3.3 calls ``BaseTrigger.on_kill`` when a user acts on the deferred task (mark
   failed/success, clear) - but the triggerer uses the same path for a trigger reassigned to
   another triggerer, so :meth:`on_kill` first asks the API server whether the task instance
-  is still deferred, and scancels only if it is not.
+  is still deferred on this job, and scancels only when it *knows* it is not. When it cannot
+  tell (API unreachable) it leaves the job alone and says so: the DAG's ``reap`` task cancels
+  a job whose task is over, so doubt never costs a healthy job.
 """
 
 from __future__ import annotations
@@ -29,11 +35,11 @@ from typing import Any
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from slurmflow import poller as poller_module
-from slurmflow.logs import DEFAULT_CHUNK_BYTES, DEFAULT_TAIL_BYTES, complete_lines, tail_lines
+from slurmflow.identity import XCOM_JOB_KEY, XCOM_LOG_OFFSETS
+from slurmflow.logs import DEFAULT_TAIL_BYTES
+from slurmflow.paths import JobPaths
 from slurmflow.poller import Subscription, get_poller
-from slurmflow.sbatch import expand_log_path
-from slurmflow.states import SlurmState
-from slurmflow.status import JobSnapshot
+from slurmflow.wait import WaitEngine, WaitSettings
 
 
 class SlurmJobTrigger(BaseTrigger):
@@ -41,23 +47,16 @@ class SlurmJobTrigger(BaseTrigger):
 
     :param job_id: the job (or array job) id.
     :param slurm_conn_id: SSH connection of the login node.
-    :param log_pattern: the job's ``--output`` pattern (absolute; ``%j``/``%A``/``%a`` allowed);
-        ``None`` disables log streaming and tails.
-    :param job_name: the job name (for ``%x`` in the pattern).
-    :param user: the cluster user (for ``%u``).
+    :param settings: :class:`~slurmflow.wait.WaitSettings` as a dict (intervals, deadline,
+        missing grace, failure limit, cancel-the-rest, log streaming, tail lines).
+    :param paths: :class:`~slurmflow.paths.JobPaths` as a dict; ``None``: no logs, no tail.
     :param log_offsets: bytes of each log already shown (path -> offset).
     :param expected_tasks: number of array tasks (arrays only).
-    :param poll_interval: fastest poll interval, seconds.
-    :param max_poll_interval: slowest poll interval while nothing changes, seconds.
-    :param deadline: UNIX time after which the trigger fires a ``timeout`` event.
     :param cancel_on_kill: scancel the job when a user kills the deferred task (False for a
         sensor watching someone else's job).
-    :param cancel_array_on_failure: scancel the remaining array tasks once one task failed.
-    :param stream_logs: log new output lines while the job runs.
-    :param tail_lines: lines of log tail included in a failure event.
-    :param missing_grace: seconds a job may be unknown to squeue, sacct and scontrol before
-        the trigger reports it as not found.
-    :param failure_limit: consecutive failed poll rounds before an error event.
+
+    Keyword arguments of earlier versions (``poll_interval``, ``log_pattern``, ``user``...) are
+    still accepted, so triggers serialized before an upgrade resume.
     """
 
     def __init__(
@@ -65,38 +64,23 @@ class SlurmJobTrigger(BaseTrigger):
         *,
         job_id: str,
         slurm_conn_id: str = "slurm_default",
-        log_pattern: str | None = None,
-        job_name: str = "",
-        user: str = "",
+        settings: dict[str, Any] | None = None,
+        paths: dict[str, Any] | None = None,
         log_offsets: dict[str, int] | None = None,
         expected_tasks: int | None = None,
-        poll_interval: float = 2.0,
-        max_poll_interval: float = 60.0,
-        deadline: float | None = None,
         cancel_on_kill: bool = True,
-        cancel_array_on_failure: bool = False,
-        stream_logs: bool = True,
-        tail_lines: int = 50,
-        missing_grace: float = 120.0,
-        failure_limit: int = 6,
+        **legacy: Any,
     ) -> None:
         super().__init__()
         self.job_id = str(job_id)
         self.slurm_conn_id = slurm_conn_id
-        self.log_pattern = log_pattern
-        self.job_name = job_name
-        self.user = user
+        self.settings = WaitSettings.from_dict({**legacy, **(settings or {})})
+        if paths is None and legacy.get("log_pattern"):
+            paths = JobPaths.for_log(legacy["log_pattern"], legacy.get("user", ""), legacy.get("job_name", "")).to_dict()
+        self.paths = JobPaths.from_dict(paths) if paths else None
         self.log_offsets = dict(log_offsets or {})
         self.expected_tasks = expected_tasks
-        self.poll_interval = float(poll_interval)
-        self.max_poll_interval = float(max_poll_interval)
-        self.deadline = deadline
         self.cancel_on_kill = cancel_on_kill
-        self.cancel_array_on_failure = cancel_array_on_failure
-        self.stream_logs = stream_logs
-        self.tail_lines = tail_lines
-        self.missing_grace = float(missing_grace)
-        self.failure_limit = int(failure_limit)
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -104,198 +88,167 @@ class SlurmJobTrigger(BaseTrigger):
             {
                 "job_id": self.job_id,
                 "slurm_conn_id": self.slurm_conn_id,
-                "log_pattern": self.log_pattern,
-                "job_name": self.job_name,
-                "user": self.user,
+                "settings": self.settings.to_dict(),
+                "paths": self.paths.to_dict() if self.paths else None,
                 "log_offsets": dict(self.log_offsets),
                 "expected_tasks": self.expected_tasks,
-                "poll_interval": self.poll_interval,
-                "max_poll_interval": self.max_poll_interval,
-                "deadline": self.deadline,
                 "cancel_on_kill": self.cancel_on_kill,
-                "cancel_array_on_failure": self.cancel_array_on_failure,
-                "stream_logs": self.stream_logs,
-                "tail_lines": self.tail_lines,
-                "missing_grace": self.missing_grace,
-                "failure_limit": self.failure_limit,
             },
         )
 
-    def _event(self, status: str, message: str, snap: JobSnapshot | None = None, tail: str = "") -> TriggerEvent:
-        return TriggerEvent(
-            {
-                "status": status,
-                "job_id": self.job_id,
-                "message": message,
-                "snapshot": snap.to_dict() if snap else None,
-                "log_tail": tail,
-                "log_offsets": dict(self.log_offsets),
-            }
-        )
-
-    def _log_lines(self, label: str, lines: list[str]) -> None:
-        prefix = f"[slurm {self.job_id}{' ' + label if label else ''}]"
-        for line in lines:
-            self.log.info("%s %s", prefix, line)
-
     async def run(self) -> AsyncIterator[TriggerEvent]:
+        engine = WaitEngine(self.job_id, self.settings, self.paths, offsets=self.log_offsets)
         try:
             poller = get_poller(self.slurm_conn_id)
             sub = Subscription(
                 job_id=self.job_id,
-                log_pattern=self.log_pattern if self.stream_logs else None,
-                job_name=self.job_name,
-                user=self.user,
-                offsets=self.log_offsets,
                 expected_tasks=self.expected_tasks,
-                min_interval=self.poll_interval,
-                max_interval=self.max_poll_interval,
-                chunk_bytes=DEFAULT_CHUNK_BYTES,
-                failure_limit=self.failure_limit,
+                min_interval=self.settings.poll_interval,
+                max_interval=self.settings.max_poll_interval,
+                failure_limit=self.settings.failure_limit,
             )
         except Exception as exc:
-            yield self._event("error", f"cannot start polling Slurm job {self.job_id}: {exc}")
+            yield TriggerEvent(engine.gave_up(f"cannot start polling Slurm job {self.job_id}: {exc}").to_payload())
             return
+        streaming = engine.follower() is not None
+        if streaming:
+            sub.logs = await self._resume_logs(engine)
         poller.subscribe(sub)
-        carry: dict[str, bytes] = {}
-        last_text = ""
-        missing_since: float | None = None
-        cancelled_rest = False
+        saved = dict(engine.delivered)
         try:
             while True:
                 try:
                     # asyncio.timeout, not wait_for: wait_for (Python < 3.12) can swallow the
                     # triggerer's cancellation when an update arrives at the same moment.
-                    async with asyncio.timeout_at(self._loop_deadline()):
+                    async with asyncio.timeout_at(self._loop_deadline(engine)):
                         update = await sub.next_update()
                 except TimeoutError:
-                    yield self._event(
-                        "timeout", f"Slurm job {self.job_id} still not finished at the deadline", sub.last
-                    )
+                    yield TriggerEvent(engine.timed_out().to_payload())
                     return
                 if update.error:
-                    yield self._event("error", update.error, sub.last)
+                    yield TriggerEvent(engine.gave_up(update.error).to_payload())
                     return
                 if update.warning:
                     self.log.warning("%s", update.warning)
                     continue
-                for label, chunk in update.chunks:
-                    if chunk.truncated:
-                        self.log.info("[slurm %s] log %s was rewritten; showing it from the start", self.job_id, chunk.path)
-                        carry.pop(chunk.path, None)
-                    lines, carry[chunk.path] = complete_lines(chunk.data, carry.get(chunk.path, b""))
-                    self._log_lines(label, lines)
                 snap = update.snapshot
+                final = snap is not None and snap.state.is_terminal
+                for label, chunk in update.chunks:
+                    self._log_lines(engine.lines(label, chunk, final=final))
+                if streaming and sub.logs is None:
+                    sub.logs = await self._resume_logs(engine)
                 if snap is None:
                     continue
-                text = self._describe(snap)
-                if text != last_text:
-                    self.log.info("Slurm job %s: %s", self.job_id, text)
-                    last_text = text
-
-                if snap.state.state is SlurmState.UNKNOWN:
-                    missing_since = missing_since or time.monotonic()
-                    if time.monotonic() - missing_since >= self.missing_grace:
-                        yield self._event(
-                            "error",
-                            f"Slurm job {self.job_id} not found by squeue, sacct or scontrol for "
-                            f"{self.missing_grace:.0f}s (wrong id, another cluster, or purged from accounting)",
-                            snap,
-                        )
-                        return
-                    continue
-                missing_since = None
-
-                progress = snap.progress
-                if (
-                    self.cancel_array_on_failure
-                    and progress
-                    and progress.failed_tasks
-                    and not snap.state.is_terminal
-                    and not cancelled_rest
-                ):
-                    self.log.warning(
-                        "Array task(s) %s of job %s failed: cancelling the remaining tasks",
-                        ", ".join(map(str, progress.failed_tasks)),
-                        self.job_id,
-                    )
+                step = engine.observe(snap, time.time())
+                for message in step.messages:
+                    (self.log.warning if step.cancel_rest else self.log.info)("%s", message)
+                if step.cancel_rest:
                     await poller.cancel([self.job_id])
-                    cancelled_rest = True
-
-                if snap.state.is_terminal:
-                    for rest in carry.values():
-                        if rest:
-                            self._log_lines("", [rest.decode("utf-8", "replace")])
-                    if snap.state.is_successful:
-                        yield self._event("success", f"Slurm job {self.job_id} COMPLETED", snap)
-                        return
-                    tail = await self._tail(poller, snap)
-                    yield self._event("failed", f"Slurm job {self.job_id} ended {snap.state}", snap, tail)
-                    return
+                if step.event is None:
+                    if engine.delivered != saved:
+                        saved = await self._save_offsets(engine.delivered, saved)
+                    continue
+                self._log_lines(engine.flush())
+                event = step.event
+                if step.tail_path:
+                    event = engine.with_tail(event, await self._tail(poller, step.tail_path))
+                yield TriggerEvent(event.to_payload())
+                return
         except Exception as exc:
             # Triggers report problems as events: the task then fails with this message.
             self.log.exception("SlurmJobTrigger for job %s failed", self.job_id)
-            yield self._event("error", f"error while waiting for Slurm job {self.job_id}: {exc}", sub.last)
+            yield TriggerEvent(engine.gave_up(f"error while waiting for Slurm job {self.job_id}: {exc}").to_payload())
         finally:
             poller.unsubscribe(sub)
 
-    def _loop_deadline(self) -> float | None:
-        if self.deadline is None:
-            return None
-        return asyncio.get_running_loop().time() + max(self.deadline - time.time(), 0.0)
+    def _log_lines(self, lines: list[str]) -> None:
+        for line in lines:
+            self.log.info("%s", line)
 
-    def _describe(self, snap: JobSnapshot) -> str:
-        text = str(snap.state)
-        if snap.progress:
-            text += f" [{snap.progress}]"
-        return text
+    def _loop_deadline(self, engine: WaitEngine) -> float | None:
+        left = engine.seconds_left(time.time())
+        return None if left is None else asyncio.get_running_loop().time() + left
 
-    async def _tail(self, poller: Any, snap: JobSnapshot) -> str:
-        """The end of the log of the failed job (or of the first failed array task)."""
-        if not self.log_pattern:
-            return ""
-        task = snap.first_failed_task
-        path = expand_log_path(self.log_pattern, self.job_id, task, user=self.user, job_name=self.job_name)
-        if path is None:
-            return ""
+    async def _tail(self, poller: Any, path: str) -> bytes | str:
         try:
-            data = await poller.read_tail(path, DEFAULT_TAIL_BYTES)
+            return await poller.read_tail(path, DEFAULT_TAIL_BYTES)
         except Exception as exc:
             return f"(could not read {path}: {exc})"
-        return tail_lines(data, self.tail_lines)
+
+    # --- where the log stopped (survives a triggerer restart) ---------------------------------
+
+    async def _resume_logs(self, engine: WaitEngine) -> Any:
+        """The log follower, starting after the last line delivered by any earlier run of this
+        trigger; ``None`` while that cannot be known (then only the job's state is followed)."""
+        ti = self.task_instance
+        if ti is not None:
+            try:
+                stored = await _in_thread(_get_xcom, ti, XCOM_LOG_OFFSETS)
+            except Exception as exc:
+                self.log.warning("Log offsets of Slurm job %s unknown (%s): not streaming its log until "
+                                 "they can be read, so that no line shows twice", self.job_id, exc)
+                return None
+            for path, offset in (stored or {}).items():
+                if int(offset) > engine.delivered.get(path, 0):
+                    engine.delivered[path] = int(offset)
+            if stored:
+                self.log.info("Slurm job %s: resuming its log after the lines already shown", self.job_id)
+        return engine.follower()
+
+    async def _save_offsets(self, delivered: dict[str, int], saved: dict[str, int]) -> dict[str, int]:
+        ti = self.task_instance
+        if ti is None:
+            return dict(delivered)
+        try:
+            await _in_thread(_set_xcom, ti, XCOM_LOG_OFFSETS, dict(delivered))
+        except Exception as exc:  # the next batch tries again; a restart may repeat these lines
+            self.log.warning("Could not record the log offsets of Slurm job %s: %s", self.job_id, exc)
+            return saved
+        return dict(delivered)
+
+    # --- cancel only when sure ----------------------------------------------------------------
 
     async def _still_deferred(self) -> bool | None:
-        """Whether the task instance is still DEFERRED (``None``: cannot tell)."""
+        """Whether the task instance is still DEFERRED on this job (``None``: cannot tell)."""
         ti = self.task_instance
         if ti is None:
             return None
         try:
             from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
-            from asgiref.sync import sync_to_async
 
-            states = await sync_to_async(RuntimeTaskInstance.get_task_states)(
-                dag_id=ti.dag_id,
-                task_ids=[ti.task_id],
-                run_ids=[ti.run_id],
-                map_index=ti.map_index,
+            states = await _in_thread(
+                RuntimeTaskInstance.get_task_states,
+                dag_id=ti.dag_id, task_ids=[ti.task_id], run_ids=[ti.run_id], map_index=ti.map_index,
             )
+            key = ti.task_id if (ti.map_index is None or ti.map_index < 0) else f"{ti.task_id}_{ti.map_index}"
+            state = (states.get(ti.run_id) or {}).get(key)
+            if str(getattr(state, "value", state)) != "deferred":
+                return False
+            # Deferred, but on which job? A cleared task may already wait on a new one.
+            record = await _in_thread(_get_xcom, ti, XCOM_JOB_KEY)
         except Exception as exc:
-            self.log.warning("Could not read the task instance's state (%s); assuming a user action", exc)
+            self.log.warning("Could not read the state of task %s (%s)", ti.task_id, exc)
             return None
-        key = ti.task_id if (ti.map_index is None or ti.map_index < 0) else f"{ti.task_id}_{ti.map_index}"
-        state = (states.get(ti.run_id) or {}).get(key)
-        return str(getattr(state, "value", state)) == "deferred"
+        if not isinstance(record, dict) or "job_id" not in record:
+            return None
+        return str(record["job_id"]) == self.job_id
 
     async def on_kill(self) -> None:
         """A user marked the deferred task failed/success or cleared it: scancel the job.
 
-        Skipped when the task instance is still deferred (the triggerer moved this trigger, no
-        user acted) and for sensors (``cancel_on_kill=False``).
+        Only when the task instance is known to be no longer deferred on this job; when that
+        cannot be told, the job is left alone (see the module docstring). Never for sensors
+        (``cancel_on_kill=False``).
         """
         if not self.cancel_on_kill:
             return
-        if await self._still_deferred():
-            self.log.info("Task instance still deferred: trigger moved, not cancelling Slurm job %s", self.job_id)
+        deferred = await self._still_deferred()
+        if deferred is None:
+            self.log.warning("Cannot tell whether the task still waits on Slurm job %s: leaving the job "
+                             "alone (the DAG's reap task cancels it if its task is over)", self.job_id)
+            return
+        if deferred:
+            self.log.info("Task instance still deferred on Slurm job %s: trigger moved, not cancelling", self.job_id)
             return
         self.log.warning("Task instance stopped by a user action: cancelling Slurm job %s", self.job_id)
         # A connection of its own: the shared poller may be closing its connection right now
@@ -308,3 +261,27 @@ class SlurmJobTrigger(BaseTrigger):
             raise
         finally:
             await hook.close()
+
+
+async def _in_thread(func: Any, *args: Any, **kwargs: Any) -> Any:
+    """Run a blocking Task SDK call (it talks to the triggerer's supervisor) off the event loop."""
+    from asgiref.sync import sync_to_async
+
+    return await sync_to_async(func)(*args, **kwargs)
+
+
+def _get_xcom(ti: Any, key: str) -> Any:
+    from airflow.sdk.execution_time.xcom import XCom
+
+    return XCom.get_one(key=key, dag_id=ti.dag_id, task_id=ti.task_id, run_id=ti.run_id,
+                        map_index=ti.map_index if ti.map_index is not None else -1)
+
+
+def _set_xcom(ti: Any, key: str, value: Any) -> None:
+    from airflow.sdk.execution_time.xcom import XCom
+
+    XCom.set(key, value, dag_id=ti.dag_id, task_id=ti.task_id, run_id=ti.run_id,
+             map_index=ti.map_index if ti.map_index is not None else -1)
+
+
+__all__ = ["SlurmJobTrigger"]
