@@ -7,6 +7,7 @@ a wave starts only when every service of the previous waves passed its health ch
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shlex
@@ -26,6 +27,7 @@ from .config import (
     SLURM_CONF,
     SSH_KEY,
     STACK,
+    TEMPLATES,
     VENV_BIN,
     airflow_env,
     load_secrets,
@@ -35,6 +37,17 @@ PG_BIN = "/usr/lib/postgresql/15/bin"
 SLURM_ENV = {"SLURM_CONF": str(SLURM_CONF)}
 # Slurm clients only look for munge at its default socket (AuthInfo is not honoured everywhere).
 MUNGE_SOCKET = Path("/run/munge/munge.socket.2")
+
+
+def slurm_daemon_env() -> dict[str, str]:
+    """The environment of slurmctld and slurmd: ``SLURM_CONF`` and the hash of its template.
+
+    The hash makes a changed ``include/stack/slurm.conf`` a changed program configuration, so
+    ``make up`` restarts both daemons (partitions, PreemptType and AuthInfo need a restart, not
+    only ``scontrol reconfigure``). Running jobs survive: their slurmstepd are not children of slurmd.
+    """
+    version = hashlib.sha256((TEMPLATES / "slurm.conf").read_bytes()).hexdigest()[:16]
+    return {**SLURM_ENV, "SLURMFLOW_SLURM_CONF_VERSION": version}
 
 
 @dataclass(frozen=True)
@@ -184,9 +197,9 @@ def services() -> list[Service]:
                      "MLFLOW_FLASK_SERVER_SECRET_KEY": s["MLFLOW_FLASK_SECRET_KEY"],
                      "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
                 health=lambda: _http("http://127.0.0.1:5001/health")),
-        Service("slurmctld", ["/usr/sbin/slurmctld", "-D", "-i"], wave=3, port=6817, env=SLURM_ENV,
+        Service("slurmctld", ["/usr/sbin/slurmctld", "-D", "-i"], wave=3, port=6817, env=slurm_daemon_env(),
                 health=lambda: _run(["scontrol", "ping"], SLURM_ENV)),
-        Service("slurmd", ["/usr/sbin/slurmd", "-D", "-N", "local1"], wave=4, port=6818, env=SLURM_ENV,
+        Service("slurmd", ["/usr/sbin/slurmd", "-D", "-N", "local1"], wave=4, port=6818, env=slurm_daemon_env(),
                 health=_slurmd_health),
         Service("airflow-api-server", _airflow("api-server"), wave=4, port=8080, env=af_env,
                 health=lambda: _http("http://127.0.0.1:8080/api/v2/monitor/health")),
