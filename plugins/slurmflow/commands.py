@@ -15,8 +15,9 @@ from collections.abc import Iterable, Sequence
 from slurmflow.parsing import SACCT_FIELDS, SQUEUE_FIELDS, split_job_id
 from slurmflow.states import SlurmState
 
-#: States squeue is asked for when looking for a *live* job with our name.
-LIVE_STATES: tuple[str, ...] = tuple(s.value for s in SlurmState if not s.is_terminal and s is not SlurmState.UNKNOWN)
+#: States squeue is asked for when looking for a *live* job with our name (PREEMPTED is not one:
+#: the controller shows it only for a preempted job it did not requeue).
+LIVE_STATES: tuple[str, ...] = tuple(s.value for s in SlurmState if s.is_live_in_controller)
 #: The commands that cost the Slurm controller (or slurmdbd) an RPC; the rest are file I/O.
 SLURM_QUERY_TOOLS = frozenset({"squeue", "sacct", "scontrol", "sbatch", "scancel"})
 SUBMITTED_MARK = "SLURMFLOW_SUBMITTED"

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from slurmflow.states import SlurmState
+from slurmflow.states import JobState, SlurmState
 
 _SAFE_RE = re.compile(r"[^A-Za-z0-9_.-]+")
 _NAME_RE = re.compile(r"^(?P<prefix>[A-Za-z0-9_.-]*)\.(?P<digest>[0-9a-f]{12})\.g(?P<gen>\d+)$")
@@ -174,12 +174,17 @@ class ExistingJob:
 
     :param job_id: the job (or array) id.
     :param generation: the generation encoded in its name.
-    :param state: its state (aggregated over array tasks).
+    :param state: its state (aggregated over array tasks); a bare :class:`SlurmState` is taken
+        as ``JobState(state)``. A JobState knows when a PREEMPTED job really ended.
     """
 
     job_id: str
     generation: int
-    state: SlurmState
+    state: JobState
+
+    def __post_init__(self) -> None:
+        if isinstance(self.state, SlurmState):
+            object.__setattr__(self, "state", JobState(self.state))
 
 
 @dataclass(frozen=True)
@@ -220,7 +225,7 @@ def decide(generation: int, jobs: Iterable[ExistingJob]) -> Decision:
             "attach",
             mine[0].job_id,
             cancel=stale + extra,
-            reason=f"re-attaching to live job {mine[0].job_id} ({mine[0].state.value})",
+            reason=f"re-attaching to live job {mine[0].job_id} ({mine[0].state.state.value})",
         )
     current = [j for j in ordered if j.generation == generation]
     if current and current[0].state.is_successful:
@@ -228,7 +233,7 @@ def decide(generation: int, jobs: Iterable[ExistingJob]) -> Decision:
             "reuse", current[0].job_id, cancel=stale, reason=f"job {current[0].job_id} already COMPLETED"
         )
     if current:
-        reason = f"previous job {current[0].job_id} ended {current[0].state.value}; submitting anew"
+        reason = f"previous job {current[0].job_id} ended {current[0].state.state.value}; submitting anew"
     elif stale:
         reason = "cleared: cancelling the earlier generation's job and submitting anew"
     else:

@@ -228,9 +228,11 @@ def parse_squeue(text: str) -> list[JobRecord]:
             state=JobState(
                 state=state,
                 reason=row["Reason"] or detail,
-                exit_code=exit_code if state.is_terminal else None,
-                signal=signal if state.is_terminal else None,
+                exit_code=exit_code if state.ends_run else None,
+                signal=signal if state.ends_run else None,
                 restarts=_int_or_zero(row["RestartCnt"]),
+                # The controller shows PREEMPTED only for a job it did not requeue.
+                ended=state is SlurmState.PREEMPTED,
             ),
             elapsed_seconds=parse_duration(row["TimeUsed"]),
             node_list=_clean_nodes(row["NodeList"]),
@@ -266,7 +268,10 @@ def parse_sacct(text: str) -> list[JobRecord]:
     """Parse ``sacct --noheader --parsable2 --allocations --duplicates --format=<SACCT_FIELDS>``.
 
     With ``--duplicates`` a requeued job prints one line per start; the last line is the
-    current one and the number of earlier lines is its restart count.
+    current one and the number of earlier lines is its restart count. Earlier lines are
+    ``REQUEUED`` (``scontrol requeue``) or ``PREEMPTED`` (Slurm requeued it on preemption); a
+    ``PREEMPTED`` newest line is not marked ``ended`` here: only the controller's view can tell
+    whether the job is back in the queue (:func:`slurmflow.status.resolve_states` folds both).
 
     :raises SlurmParseError: when a line does not have the expected columns.
     """
@@ -300,8 +305,8 @@ def parse_sacct(text: str) -> list[JobRecord]:
             state=JobState(
                 state=state,
                 reason=detail or ("" if reason == "None" else reason),
-                exit_code=exit_code if state.is_terminal else None,
-                signal=signal if state.is_terminal else None,
+                exit_code=exit_code if state.ends_run else None,
+                signal=signal if state.ends_run else None,
             ),
             elapsed_seconds=int(elapsed) if elapsed.isdigit() else parse_duration(row["Elapsed"]),
             node_list=_clean_nodes(row["NodeList"]),
@@ -367,9 +372,10 @@ def parse_scontrol_jobs(text: str) -> list[JobRecord]:
             state=JobState(
                 state=state,
                 reason=detail or ("" if reason == "None" else reason),
-                exit_code=exit_code if state.is_terminal else None,
-                signal=signal if state.is_terminal else None,
+                exit_code=exit_code if state.ends_run else None,
+                signal=signal if state.ends_run else None,
                 restarts=_int_or_zero(fields.get("Restarts", "0")),
+                ended=state is SlurmState.PREEMPTED,  # the controller's view, as for squeue
             ),
             elapsed_seconds=parse_duration(fields.get("RunTime")),
             node_list=_clean_nodes(fields.get("NodeList", "")),

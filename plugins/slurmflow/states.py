@@ -2,6 +2,21 @@
 
 Pure module (no Airflow imports): used by the parsers, the hook, the shared poller and the
 operators alike, so every layer agrees on what "finished" and "succeeded" mean.
+
+Preemption and requeue (submitit's rule: "not done"). ``REQUEUED``, ``REQUEUE_HOLD`` (waits for
+a person to release it), ``SPECIAL_EXIT`` and ``PENDING`` after a requeue are live: the same job
+id runs again, and the task follows it with a growing restart count. ``PREEMPTED`` is not
+terminal by itself either: accounting (sacct) prints it for an *earlier run* of a job that
+Slurm requeued (``PreemptMode=REQUEUE``) and, for a few seconds after the preemption, even as its
+newest line while the controller already shows the job ``COMPLETING``/``PENDING``. It is the
+job's end only when nothing can bring the job back, which :class:`JobState` records as
+``ended``:
+
+* the controller (squeue, scontrol) reports ``PREEMPTED``: it only does for a job it did not
+  requeue (``PreemptMode=CANCEL``, or a job submitted with ``--no-requeue``); a job it requeues
+  goes ``COMPLETING`` -> ``PENDING`` and is never shown preempted;
+* accounting's newest line is ``PREEMPTED`` and the controller no longer lists the job as live
+  (:mod:`slurmflow.status` decides this when it folds the two views).
 """
 
 from __future__ import annotations
@@ -10,7 +25,7 @@ import enum
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 
@@ -47,8 +62,24 @@ class SlurmState(enum.StrEnum):
 
     @property
     def is_terminal(self) -> bool:
-        """The job will not run again without someone resubmitting or requeueing it by hand."""
+        """The job will not run again without someone resubmitting or requeueing it by hand.
+
+        ``PREEMPTED`` is not: Slurm may requeue the job (see the module docstring and
+        :attr:`JobState.is_terminal`, which knows when a preempted job really ended).
+        """
         return self in _TERMINAL
+
+    @property
+    def ends_run(self) -> bool:
+        """This record is of a run that is over (its exit code is known): every terminal state,
+        and ``PREEMPTED``, which Slurm may follow with a requeue of the same job id."""
+        return self in _TERMINAL or self is SlurmState.PREEMPTED
+
+    @property
+    def is_live_in_controller(self) -> bool:
+        """What squeue shows for a job that is still queued, running or coming back: the
+        controller never shows a job it requeues as ``PREEMPTED``, so there that is the end."""
+        return not self.ends_run and self is not SlurmState.UNKNOWN
 
     @property
     def is_successful(self) -> bool:
@@ -81,7 +112,6 @@ class SlurmState(enum.StrEnum):
 
 _TERMINAL = frozenset(
     {
-        SlurmState.PREEMPTED,
         SlurmState.NODE_FAIL,
         SlurmState.BOOT_FAIL,
         SlurmState.TIMEOUT,
@@ -133,7 +163,8 @@ _COMPACT = {
 }
 
 # When array tasks end differently, the one reported for the whole array: the most telling
-# failure first (a node failure explains a later FAILED, not the other way round).
+# failure first (a node failure explains a later FAILED, not the other way round). PREEMPTED
+# here is a task that ended preempted (JobState.ended).
 _FAILURE_PRECEDENCE = (
     SlurmState.NODE_FAIL,
     SlurmState.BOOT_FAIL,
@@ -155,6 +186,7 @@ _LIVE_PRECEDENCE = (
     SlurmState.RESIZING,
     SlurmState.REQUEUED,
     SlurmState.REQUEUE_FED,
+    SlurmState.PREEMPTED,
     SlurmState.SUSPENDED,
     SlurmState.STOPPED,
     SlurmState.PENDING,
@@ -165,21 +197,23 @@ _LIVE_PRECEDENCE = (
 )
 
 
-def aggregate_states(states: Iterable[SlurmState]) -> SlurmState:
+def aggregate_states(states: Iterable[SlurmState | JobState]) -> SlurmState:
     """One state for a job array from its tasks' states.
 
     Terminal only when every task is; then ``COMPLETED`` only when every task completed,
-    otherwise the most telling failure. An empty input is ``UNKNOWN``.
+    otherwise the most telling failure. An empty input is ``UNKNOWN``. Pass :class:`JobState`
+    values so that a task that ended preempted counts as ended (a bare ``PREEMPTED`` is live).
     """
-    seen = set(states)
+    seen = [s if isinstance(s, JobState) else JobState(s) for s in states]
     if not seen:
         return SlurmState.UNKNOWN
-    live = seen - _TERMINAL
+    live = {s.state for s in seen if not s.is_terminal}
     if live:
         return next(s for s in _LIVE_PRECEDENCE if s in live)
-    if seen == {SlurmState.COMPLETED}:
+    done = {s.state for s in seen}
+    if done == {SlurmState.COMPLETED}:
         return SlurmState.COMPLETED
-    return next(s for s in _FAILURE_PRECEDENCE if s in seen)
+    return next(s for s in _FAILURE_PRECEDENCE if s in done)
 
 
 _EXIT_RE = re.compile(r"^(-?\d+)(?::(\d+))?$")
@@ -204,6 +238,8 @@ class JobState:
     :param exit_code: the batch script's exit code, once known.
     :param signal: the signal that ended the script, once known (0 for none).
     :param restarts: how often Slurm restarted the job (requeue, preemption, node failure).
+    :param ended: a ``PREEMPTED`` state is the job's end, not a run that Slurm requeued (see the
+        module docstring); set by the parsers for the controller's view and by the status fold.
     """
 
     state: SlurmState
@@ -211,10 +247,18 @@ class JobState:
     exit_code: int | None = None
     signal: int | None = None
     restarts: int = 0
+    ended: bool = False
 
     @property
     def is_terminal(self) -> bool:
-        return self.state.is_terminal
+        """The wait is over: a terminal state, or a preemption that nothing will requeue."""
+        return self.state.is_terminal or (self.ended and self.state is SlurmState.PREEMPTED)
+
+    def as_ended(self) -> JobState:
+        """This state as the job's last word: a ``PREEMPTED`` one becomes terminal."""
+        if self.state is SlurmState.PREEMPTED and not self.ended:
+            return replace(self, ended=True)
+        return self
 
     @property
     def is_successful(self) -> bool:
@@ -227,6 +271,7 @@ class JobState:
             "exit_code": self.exit_code,
             "signal": self.signal,
             "restarts": self.restarts,
+            "ended": self.ended,
         }
 
     @classmethod
@@ -237,6 +282,7 @@ class JobState:
             exit_code=data.get("exit_code"),
             signal=data.get("signal"),
             restarts=int(data.get("restarts", 0)),
+            ended=bool(data.get("ended", False)),
         )
 
     def __str__(self) -> str:
@@ -262,9 +308,10 @@ class ArrayProgress:
     failed_tasks: tuple[int, ...] = ()
 
     @classmethod
-    def from_task_states(cls, states: Mapping[int, SlurmState]) -> ArrayProgress:
-        counts = Counter(s.value for s in states.values())
-        failed = tuple(sorted(t for t, s in states.items() if s.is_terminal and not s.is_successful))
+    def from_task_states(cls, states: Mapping[int, SlurmState | JobState]) -> ArrayProgress:
+        jobs = {t: s if isinstance(s, JobState) else JobState(s) for t, s in states.items()}
+        counts = Counter(s.state.value for s in jobs.values())
+        failed = tuple(sorted(t for t, s in jobs.items() if s.is_terminal and not s.is_successful))
         return cls(counts=dict(sorted(counts.items())), failed_tasks=failed)
 
     @property

@@ -8,6 +8,12 @@ Per call: one ``squeue`` for all jobs (answered from slurmctld's memory, which h
 jobs for ``MinJobAge`` seconds); then, only for jobs that finished or left squeue, one
 ``sacct`` for all of them (slurmdbd keeps them forever). Without accounting, ``scontrol``
 answers for finished jobs still in memory.
+
+Preemption (the rule, see :mod:`slurmflow.states`): the controller's live record always beats
+accounting's, so a job that Slurm requeued after a preemption is followed as ``PENDING`` /
+``RUNNING`` with its restart count, whatever sacct prints for its earlier runs. Accounting's
+``PREEMPTED`` is the job's end only when it survives that fold (the controller no longer lists
+the job, or lists it ended): ``PreemptMode=CANCEL``, or a job that could not be requeued.
 """
 
 from __future__ import annotations
@@ -82,7 +88,7 @@ class JobSnapshot:
     def progress(self) -> ArrayProgress | None:
         if not self.tasks:
             return None
-        return ArrayProgress.from_task_states({t: s.state for t, s in self.tasks.items()})
+        return ArrayProgress.from_task_states(self.tasks)
 
     @property
     def first_failed_task(self) -> int | None:
@@ -154,7 +160,8 @@ def snapshot_from_records(job_id: str, records: Iterable[JobRecord], *, final: b
             final=final and rec.state.is_terminal,
             source=rec.source,
         )
-    agg = aggregate_states(s.state for s in tasks.values())
+    agg = aggregate_states(tasks.values())
+    done = all(s.is_terminal for s in tasks.values())
     # The array's exit code: the worst task's (the first failing one), else 0 when all completed.
     failing = [r for r in recs if r.state.state is agg and r.array_task is not None]
     exemplar = failing[0] if failing else recs[0]
@@ -165,9 +172,10 @@ def snapshot_from_records(job_id: str, records: Iterable[JobRecord], *, final: b
         state=JobState(
             state=agg,
             reason=exemplar.state.reason,
-            exit_code=exemplar.state.exit_code if agg.is_terminal else None,
-            signal=exemplar.state.signal if agg.is_terminal else None,
+            exit_code=exemplar.state.exit_code if done else None,
+            signal=exemplar.state.signal if done else None,
             restarts=max(s.restarts for s in tasks.values()),
+            ended=done and agg is SlurmState.PREEMPTED,
         ),
         tasks=dict(sorted(tasks.items())),
         name=recs[0].name,
@@ -175,7 +183,7 @@ def snapshot_from_records(job_id: str, records: Iterable[JobRecord], *, final: b
         node_list=",".join(nodes),
         start=min((r.start for r in recs if r.start), default=""),
         end=max((r.end for r in recs if r.end), default=""),
-        final=final and agg.is_terminal,
+        final=final and done,
         source=recs[0].source,
     )
 
@@ -280,13 +288,16 @@ def _merge(live: list[JobRecord], accounted: list[JobRecord]) -> list[JobRecord]
     it live, accounting has not caught up with its end yet (slurmdbd lags slurmctld), or
     accounting only has the array's folded line for it: right after an ``scancel`` of an array,
     sacct prints ``123_[0-5%2] CANCELLED`` for every task, also for one that had FAILED on its
-    own, whose exit code the controller still shows."""
+    own, whose exit code the controller still shows.
+
+    An accounting record that is left after this is the job's last word: a ``PREEMPTED`` one
+    is the end (the controller would list a requeued job as live), see the module docstring."""
     by_id = {r.job_id: r for r in accounted}
     for rec in live:
         acc = by_id.get(rec.job_id)
-        if acc is None or acc.ranged or not rec.state.is_terminal or not acc.state.is_terminal:
+        if acc is None or acc.ranged or not rec.state.is_terminal or not acc.state.as_ended().is_terminal:
             by_id[rec.job_id] = rec
-    return list(by_id.values())
+    return [r if r.source != "sacct" else replace(r, state=r.state.as_ended()) for r in by_id.values()]
 
 
 def _as_final(snap: JobSnapshot) -> JobSnapshot:

@@ -96,6 +96,15 @@ def test_requeued_counts_as_live():
     assert decide(0, [job(10, 0, "REQUEUED")]).action == "attach"
 
 
+def test_a_preempted_job_is_live_until_it_is_known_to_have_ended():
+    from slurmflow.states import JobState
+
+    assert decide(0, [job(10, 0, "PREEMPTED")]).action == "attach"  # Slurm may requeue it
+    ended = ExistingJob("10", 0, JobState(SlurmState.PREEMPTED, ended=True))  # PreemptMode=CANCEL
+    decision = decide(0, [ended])
+    assert decision.action == "submit" and "ended PREEMPTED" in decision.reason
+
+
 def test_one_identity_names_job_dir_run_key_and_survives_xcom():
     from slurmflow.identity import JobIdentity
 

@@ -157,3 +157,20 @@ def test_range_lines_never_override_a_tasks_own_line():
     assert tasks[0].state.state is SlurmState.CANCELLED
     assert all(tasks[t].state.state is SlurmState.CANCELLED for t in (2, 3, 4, 5))
     assert all(r.state.restarts == 0 for r in tasks.values())
+
+
+def test_preempted_is_the_end_in_the_controller_and_open_in_accounting():
+    """squeue/scontrol show PREEMPTED only for a job Slurm did not requeue; sacct prints it for
+    earlier runs too, so there the status fold decides (slurmflow.status)."""
+    squeue = parse_squeue("250 |250 |N/A |pre-job2.sh |PREEMPTED |None |9 |0 |local1 |0:05 |\n")[0]
+    assert squeue.state.ended and squeue.state.is_terminal and squeue.state.signal == 9
+    scontrol = parse_scontrol_jobs("JobId=250 JobName=pre-job2.sh JobState=PREEMPTED Reason=None ExitCode=0:9 "
+                                   "Restarts=0 RunTime=00:00:05 NodeList=local1\n")[0]
+    assert scontrol.state.ended and scontrol.state.is_terminal
+    sacct = parse_sacct("250|250|pre-job2.sh|PREEMPTED|0:0|00:00:05|5|local1|None|2026-12-02T01:12:41|"
+                        "2026-12-02T01:12:41|2026-12-02T01:12:46\n")[0]
+    assert not sacct.state.ended and not sacct.state.is_terminal and sacct.state.exit_code == 0
+    requeued = parse_sacct(
+        "248|248|j|PREEMPTED|0:0|00:00:27|27|local1|None|2026-12-02T01:11:53|2026-12-02T01:11:53|2026-12-02T01:12:20\n"
+        "248|248|j|PENDING|0:0|00:00:00|0|None assigned|BeginTime|2026-12-02T01:12:24|Unknown|Unknown\n")
+    assert [(r.state.state, r.state.restarts) for r in requeued] == [(SlurmState.PENDING, 1)]

@@ -7,7 +7,7 @@ import pytest
 from slurmflow.states import ArrayProgress, JobState, SlurmState, aggregate_states, parse_exit_code
 
 TERMINAL = {
-    "PREEMPTED", "NODE_FAIL", "BOOT_FAIL", "TIMEOUT", "OUT_OF_MEMORY", "DEADLINE", "REVOKED",
+    "NODE_FAIL", "BOOT_FAIL", "TIMEOUT", "OUT_OF_MEMORY", "DEADLINE", "REVOKED",
     "CANCELLED", "FAILED", "COMPLETED",
 }
 
@@ -21,10 +21,33 @@ def test_every_state_has_a_verdict(state):
 @pytest.mark.parametrize(
     "name",
     ["PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
-     "RESIZING", "SUSPENDED", "STOPPED", "UNKNOWN"],
+     "SPECIAL_EXIT", "RESIZING", "SUSPENDED", "STOPPED", "PREEMPTED", "UNKNOWN"],
 )
 def test_requeue_and_live_states_are_not_terminal(name):
     assert not SlurmState(name).is_terminal
+    assert not JobState(SlurmState(name)).is_terminal
+
+
+def test_preempted_is_the_end_only_when_marked_ended():
+    """Slurm may requeue a preempted job (PreemptMode=REQUEUE): PREEMPTED alone keeps the wait
+    going; the status fold marks it ended when nothing will bring the job back."""
+    preempted = JobState(SlurmState.PREEMPTED, exit_code=0, signal=15)
+    assert not preempted.is_terminal and SlurmState.PREEMPTED.ends_run
+    ended = preempted.as_ended()
+    assert ended.ended and ended.is_terminal and not ended.is_successful
+    assert JobState.from_dict(ended.to_dict()) == ended
+    # as_ended changes nothing else, and nothing but PREEMPTED
+    assert JobState(SlurmState.PENDING).as_ended() == JobState(SlurmState.PENDING)
+    assert not JobState(SlurmState.RUNNING, ended=True).is_terminal
+
+
+def test_the_controller_never_lists_a_requeued_job_as_preempted():
+    # submit-once asks squeue for these: a PREEMPTED job there is one Slurm did not requeue.
+    live = {s for s in SlurmState if s.is_live_in_controller}
+    assert SlurmState.PREEMPTED not in live and SlurmState.UNKNOWN not in live
+    assert {SlurmState.PENDING, SlurmState.RUNNING, SlurmState.REQUEUED, SlurmState.REQUEUE_HOLD,
+            SlurmState.COMPLETING} <= live
+    assert not live & {s for s in SlurmState if s.is_terminal}
 
 
 @pytest.mark.parametrize(
@@ -55,6 +78,12 @@ def test_aggregate_arrays():
     assert aggregate_states([S.FAILED, S.NODE_FAIL]) is S.NODE_FAIL
     assert aggregate_states([S.COMPLETED, S.TIMEOUT]) is S.TIMEOUT
     assert aggregate_states([S.REQUEUED, S.COMPLETED]) is S.REQUEUED
+    # a preempted task may come back; one that ended preempted is a failure
+    assert aggregate_states([S.PREEMPTED, S.COMPLETED]) is S.PREEMPTED
+    ended = JobState(S.PREEMPTED, ended=True)
+    assert aggregate_states([ended, JobState(S.COMPLETED)]) is S.PREEMPTED
+    assert aggregate_states([ended, JobState(S.FAILED)]) is S.PREEMPTED
+    assert aggregate_states([ended, JobState(S.RUNNING)]) is S.RUNNING
 
 
 def test_array_progress():
@@ -64,6 +93,10 @@ def test_array_progress():
     assert progress.failed_tasks == (1, 3)
     assert progress.total == 4
     assert progress.to_dict()["counts"] == {"CANCELLED": 1, "COMPLETED": 1, "FAILED": 1, "RUNNING": 1}
+    preempted = ArrayProgress.from_task_states(
+        {0: JobState(SlurmState.PREEMPTED), 1: JobState(SlurmState.PREEMPTED, ended=True)}
+    )
+    assert preempted.failed_tasks == (1,) and preempted.counts == {"PREEMPTED": 2}
 
 
 @pytest.mark.parametrize(

@@ -141,3 +141,86 @@ def test_a_task_that_failed_keeps_its_exit_code_when_accounting_folds_the_cancel
     assert snap.tasks[1].state is SlurmState.FAILED and snap.tasks[1].exit_code == 7
     assert snap.state.state is SlurmState.FAILED and snap.state.exit_code == 7
     assert snap.first_failed_task == 1
+
+
+# --- preemption: recorded on the local Slurm (partition spot, PreemptMode=REQUEUE, then CANCEL) ---
+
+_SQUEUE = "{id} |{id} |N/A |pre-job2.sh |{state} |{reason} |{code} |{restarts} |{nodes} |0:05 |"
+_PREEMPTED_RUN = ("248|248|pre-job2.sh|PREEMPTED|0:0|00:00:27|27|local1|None|2026-12-02T01:11:53|"
+                  "2026-12-02T01:11:53|2026-12-02T01:12:20")
+_REQUEUED_RUN = ("248|248|pre-job2.sh|RUNNING|0:0|00:00:01|1|local1|BeginTime|2026-12-02T01:12:24|"
+                 "2026-12-02T01:12:35|Unknown")
+
+
+def _answers(squeue: str | None, sacct: str):
+    def run(argv):
+        if argv[0] == "squeue":
+            if squeue is None:
+                return CommandResult(1, "", "slurm_load_jobs error: Invalid job id specified")
+            return CommandResult(0, squeue + "\n")
+        if argv[0] == "sacct":
+            return CommandResult(0, sacct + "\n")
+        raise AssertionError(argv)
+
+    return run
+
+
+@pytest.mark.parametrize("state, reason, nodes", [("COMPLETING", "None", "local1"), ("PENDING", "BeginTime", "")])
+def test_a_job_requeued_on_preemption_is_followed_while_accounting_says_preempted(state, reason, nodes):
+    """For seconds after a preemption, sacct's newest (only) line is PREEMPTED with an end
+    time while the controller already requeues the job: the controller's live record wins."""
+    squeue = _SQUEUE.format(id=248, state=state, reason=reason, code=0, restarts=1, nodes=nodes)
+    asked = []
+
+    def run(argv):
+        asked.append(argv[0])
+        return _answers(squeue, _PREEMPTED_RUN)(argv)
+
+    snap = run_sync(resolve_states(["248"]), run)["248"]
+    assert asked == ["squeue"]
+    assert snap.state.state is SlurmState(state) and not snap.state.is_terminal
+    assert snap.state.restarts == 1
+    # The key lookup (exactly-once, retries) merges both views the same way.
+    from slurmflow.status import lookup_key
+
+    found = run_sync(lookup_key(["pre-job2.sh"]), _answers(squeue, _PREEMPTED_RUN))
+    assert found["248"].state.state is SlurmState(state) and not found["248"].state.is_terminal
+
+
+def test_an_earlier_preempted_run_is_history():
+    snap = run_sync(resolve_states(["248"]), _answers(None, f"{_PREEMPTED_RUN}\n{_REQUEUED_RUN}"))["248"]
+    assert snap.state.state is SlurmState.RUNNING and snap.state.restarts == 1 and not snap.state.is_terminal
+
+
+def test_preempted_with_preemptmode_cancel_ends_the_job():
+    """PreemptMode=CANCEL: the controller shows PREEMPTED (it never does for a job it requeues)
+    until MinJobAge, then only sacct knows the job, PREEMPTED with an end time: ended both ways."""
+    sacct = ("250|250|pre-job2.sh|PREEMPTED|0:0|00:00:05|5|local1|None|2026-12-02T01:12:41|"
+             "2026-12-02T01:12:41|2026-12-02T01:12:46")
+    in_memory = _SQUEUE.format(id=250, state="PREEMPTED", reason="None", code=9, restarts=0, nodes="local1")
+    for squeue in (in_memory, None):
+        snap = run_sync(resolve_states(["250"]), _answers(squeue, sacct))["250"]
+        assert snap.state.state is SlurmState.PREEMPTED and snap.state.ended and snap.state.is_terminal
+        assert snap.final and snap.source == "sacct" and snap.end == "2026-12-02T01:12:46"
+        assert JobSnapshot.from_dict(snap.to_dict()) == snap
+    # Without accounting the controller's record is the answer, ended as well.
+    from slurmflow.parsing import parse_squeue
+
+    assert parse_squeue(in_memory + "\n")[0].state.is_terminal
+
+
+def test_an_array_task_that_ended_preempted_fails_the_array_and_a_requeued_one_does_not():
+    squeue = "\n".join([
+        "300_0|300|0|sweep|COMPLETED|None|0|0|local1|0:05|",
+        "300_1|300|1|sweep|PENDING|BeginTime|0|1||0:00|",
+    ])
+    sacct_only_preempted = ("300_1|300|sweep|PREEMPTED|0:0|00:00:05|5|local1|None|2026-12-02T01:00:00|"
+                            "2026-12-02T01:00:01|2026-12-02T01:00:06")
+    opts = ResolveOptions(expected_tasks={"300": 2})
+    snap = run_sync(resolve_states(["300"], opts), _answers(squeue, sacct_only_preempted))["300"]
+    assert snap.state.state is SlurmState.PENDING and not snap.state.is_terminal and snap.state.restarts == 1
+    # Task 1 left the controller preempted (PreemptMode=CANCEL): the array is over, and failed.
+    gone = "300_0|300|0|sweep|COMPLETED|None|0|0|local1|0:05|"
+    snap = run_sync(resolve_states(["300"], opts), _answers(gone, sacct_only_preempted))["300"]
+    assert snap.state.state is SlurmState.PREEMPTED and snap.state.is_terminal and snap.final
+    assert snap.progress.failed_tasks == (1,) and snap.first_failed_task == 1

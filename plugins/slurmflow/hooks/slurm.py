@@ -428,7 +428,7 @@ class SlurmHook(BaseHook):
         for job_id, snap in found.items():
             parsed = parse_job_name(snap.name)
             if parsed is not None:
-                jobs.append(ExistingJob(job_id, parsed[1], snap.state.state))
+                jobs.append(ExistingJob(job_id, parsed[1], snap.state))
         return jobs
 
 

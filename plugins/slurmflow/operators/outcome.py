@@ -15,6 +15,8 @@ from slurmflow.status import JobSnapshot
 
 #: Terminal states that earn an Airflow retry by default: the job did nothing wrong, the
 #: machine did (a FAILED / TIMEOUT / OUT_OF_MEMORY job would fail the same way again).
+#: PREEMPTED here is a preemption that ended the job (PreemptMode=CANCEL, or not requeueable);
+#: one that Slurm requeued never ends the wait: the task follows the same job id.
 DEFAULT_RETRY_STATES: frozenset[str] = frozenset(
     {SlurmState.NODE_FAIL.value, SlurmState.BOOT_FAIL.value, SlurmState.PREEMPTED.value}
 )
