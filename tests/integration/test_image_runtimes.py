@@ -28,9 +28,9 @@ import requests
 from docker.errors import ImageNotFound
 
 from slurmflow.hooks.image import ImageBuildHook
-from slurmflow.hooks.registry import RegistryHook
 from slurmflow.images import DEFAULT_EXCLUDES, BuildContext
 from slurmflow.runtimes import container_command
+from slurmflow.secrets import SecretRefs, gather
 
 pytestmark = pytest.mark.integration
 
@@ -143,7 +143,7 @@ def image(
 def auth_dir(cluster: Cluster, stack_env: dict[str, str], registry_conn: str) -> Iterator[str]:
     """The job user's registry credentials, from the Airflow connection: mode-600 files, mode-700 folder."""
     path = f"{stack_env['STACK_DIR']}/home/{stack_env['SSH_USER']}/.slurmflow/registry-auth-{uuid.uuid4().hex[:8]}"
-    for name, content in RegistryHook(registry_conn).job_auth_files().items():
+    for name, content in gather(SecretRefs(registry_conn_id=registry_conn)).registry_files().items():
         cluster.write_private(f"{path}/{name}", content)
     modes = cluster.run(
         f"stat -c '%a %n' {shlex.quote(path)} {shlex.quote(path)}/* {shlex.quote(path)}/.c*"

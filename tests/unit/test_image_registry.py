@@ -200,6 +200,10 @@ def test_connection_forms(monkeypatch, host: str, extra: dict, base_url: str, re
 
 
 def test_job_auth_files_come_from_the_connection(registry) -> None:
-    files = RegistryHook(registry("reg_ok")).job_auth_files()
+    from slurmflow.secrets import SecretRefs, gather
+
+    creds = RegistryHook(registry("reg_ok")).job_credentials()
+    assert (creds.username, creds.password) == (USER, PASSWORD) and PASSWORD not in repr(creds)
+    files = gather(SecretRefs(registry_conn_id=registry("reg_ok"))).registry_files()
     assert f"CH_IMAGE_PASSWORD={PASSWORD}" in files["registry.env"]
     assert set(files) == {"config.json", "registry.env", ".credentials"}

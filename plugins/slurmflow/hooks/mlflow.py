@@ -8,15 +8,85 @@ retried or re-run registration finds and reuses them instead of creating duplica
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping
+import functools
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from airflow.sdk import BaseHook
 
+from slurmflow.secrets import mlflow_credentials
+
 RUN_KEY_TAG = "slurmflow.run_key"
+
+# --- credentials without os.environ ------------------------------------------------------------
+# MLflow's REST client (tracking, registry and artifact repositories alike) asks
+# mlflow.utils.credentials.read_mlflow_creds() for basic-auth credentials on every request, and
+# that reads the process environment. Instead of writing the password there (inherited by every
+# child process, left behind after the task), read_mlflow_creds is wrapped once to answer with
+# the credentials of the client call in progress. The lock makes calls with different
+# credentials take turns; a plain global, not a context variable, because MLflow moves artifact
+# transfers to its own thread pool, whose threads must see the credentials of the call too.
+_auth_lock = threading.RLock()
+_active_creds: tuple[str, str] | None = None
+
+
+def _install_reader() -> None:
+    from mlflow.utils import credentials
+
+    if getattr(credentials.read_mlflow_creds, "slurmflow_scoped", False):
+        return
+    original = credentials.read_mlflow_creds
+
+    def read_mlflow_creds():
+        active = _active_creds
+        return credentials.MlflowCreds(*active) if active is not None else original()
+
+    read_mlflow_creds.slurmflow_scoped = True
+    credentials.read_mlflow_creds = read_mlflow_creds
+
+
+@contextmanager
+def basic_auth(creds: tuple[str, str] | None) -> Iterator[None]:
+    """MLflow clients in this block authenticate with ``creds`` (``(login, password)``; None:
+    MLflow's own defaults). Nothing is written to ``os.environ``."""
+    global _active_creds
+    if creds is None:
+        yield
+        return
+    _install_reader()
+    with _auth_lock:
+        saved, _active_creds = _active_creds, creds
+        try:
+            yield
+        finally:
+            _active_creds = saved
+
+
+class ScopedClient:
+    """An :class:`mlflow.MlflowClient` whose every method call runs under :func:`basic_auth`."""
+
+    def __init__(self, client: Any, creds: tuple[str, str] | None) -> None:
+        self._client = client
+        self._creds = creds
+
+    def __repr__(self) -> str:  # never the password
+        return f"ScopedClient({self._client.tracking_uri!r})"
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        @functools.wraps(attr)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with basic_auth(self._creds):
+                return attr(*args, **kwargs)
+
+        return call
 
 
 class MlflowHook(BaseHook):
@@ -40,16 +110,20 @@ class MlflowHook(BaseHook):
         return f"{conn.schema or 'http'}://{conn.host}{port}"
 
     @cached_property
-    def client(self):
+    def _creds(self) -> tuple[str, str] | None:
+        return mlflow_credentials(self.mlflow_conn_id)  # masked by slurmflow.secrets
+
+    @cached_property
+    def client(self) -> ScopedClient:
+        """The tracking server's client; every call carries this connection's login."""
         import mlflow  # heavy: only when a task really talks to MLflow
 
-        conn = self.get_connection(self.mlflow_conn_id)
-        # MLflow's REST client reads basic-auth credentials only from the environment; this is
-        # the task's own process, and the values never reach argv or the log.
-        if conn.login:
-            os.environ["MLFLOW_TRACKING_USERNAME"] = conn.login
-            os.environ["MLFLOW_TRACKING_PASSWORD"] = conn.password or ""
-        return mlflow.MlflowClient(tracking_uri=self.tracking_uri)
+        return ScopedClient(mlflow.MlflowClient(tracking_uri=self.tracking_uri), self._creds)
+
+    def credentials(self):
+        """A block in which MLflow code that builds its own client (``hpctrain.offline.upload``,
+        ``mlflow.pyfunc.load_model``) authenticates as this connection."""
+        return basic_auth(self._creds)
 
     def ui_url(self, path: str) -> str:
         return f"{self.tracking_uri}/#/{path.lstrip('/')}"

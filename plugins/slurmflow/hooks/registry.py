@@ -21,7 +21,7 @@ from airflow.providers.common.compat.sdk import AirflowException, BaseHook
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
-from slurmflow.runtimes import registry_auth_files
+from slurmflow.secrets import RegistryCredentials
 
 #: Every manifest kind a build or a multi-arch base may produce; the registry answers with the
 #: digest of the stored one, which is what ``image@digest`` must name.
@@ -141,15 +141,16 @@ class RegistryHook(BaseHook):
             return None
         return {"username": s["username"], "password": s["password"] or "", "serveraddress": s["registry"]}
 
-    def job_auth_files(self) -> dict[str, str]:
-        """Files a job needs to pull from this registry (stage them mode 600 as its ``auth_dir``).
+    def job_credentials(self) -> RegistryCredentials:
+        """The login jobs pull with; :mod:`slurmflow.secrets` masks it and renders the job's
+        ``auth_dir`` files from it (``JobSecrets.registry_files``).
 
         :raises RegistryError: when the connection has no credentials.
         """
         s = self._settings
         if not s["username"] or not s["password"]:
             raise RegistryError(f"connection {self.registry_conn_id!r} has no login/password to hand to jobs")
-        return registry_auth_files(s["registry"], s["username"], s["password"])
+        return RegistryCredentials(s["registry"], s["username"], s["password"])
 
     # --- HTTP with auth -----------------------------------------------------------------------
     def _request(

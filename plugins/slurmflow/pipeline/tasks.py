@@ -151,12 +151,14 @@ def preflight() -> str:
 
 def _stage_registry_auth(hook: Any) -> str:
     """Give the cluster user the registry credentials jobs pull with (mode-700 dir, mode-600 files)."""
-    from slurmflow.hooks.registry import RegistryHook
+    from slurmflow.secrets import SecretRefs, gather
 
+    secrets = gather(SecretRefs(registry_conn_id="registry_default"))
+    secrets.mask()
     auth_dir = f"{hook.home}/{AUTH_DIR}"
     hook.make_dirs([auth_dir])
     hook.run(["chmod", "700", auth_dir])
-    for name, content in RegistryHook("registry_default").job_auth_files().items():
+    for name, content in secrets.registry_files().items():
         hook.upload(f"{auth_dir}/{name}", content, mode=0o600)
     return auth_dir
 
@@ -314,12 +316,10 @@ def evaluate_and_promote(registration: dict[str, Any], alias: str, margin: float
     and its reason are tagged on the challenger's model version.
     """
     import copy
-    import os
-
-    from airflow.providers.mongo.hooks.mongo import MongoHook
 
     from slurmflow.hooks.mlflow import MlflowHook
     from slurmflow.pipeline.promotion import decide, evaluate_version
+    from slurmflow.secrets import mongo_uri
 
     margin = float(margin)  # templated: arrives as a string
     mlflow = MlflowHook()
@@ -328,7 +328,9 @@ def evaluate_and_promote(registration: dict[str, Any], alias: str, margin: float
     metric, mode = monitor.get("metric") or "val/loss", monitor.get("mode") or "min"
     spec = copy.deepcopy(registration["data_spec"])
     spec["init_args"]["mongo"]["query"] = holdout_query
-    os.environ[spec["init_args"]["mongo"].get("uri_env") or "MONGO_URI"] = MongoHook().uri
+    # The held-out data is read here, from Airflow's view of Mongo: the URI goes into this
+    # in-memory spec (never os.environ, which every child process would inherit), masked.
+    spec["init_args"]["mongo"]["uri"] = mongo_uri("mongo_default")
     champion = mlflow.version_by_alias(name, alias)
     if champion is not None and champion.version == version:
         return {"promote": True, "reason": "already the champion (re-run)", "champion_version": version}
