@@ -165,6 +165,12 @@ def airflow_env() -> dict[str, str]:
         "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(STACK / "airflow" / "logs"),
         "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30",
         "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "True",
+        # A task whose process died (with its scheduler, under LocalExecutor) is failed - and
+        # retried, re-attaching to its Slurm job - 30 s after its last heartbeat instead of the
+        # default 300 s. Task supervisors heartbeat every 5 s, so 30 s is still 6 missed
+        # beats. Real sites: [scheduler] task_instance_heartbeat_timeout (see README).
+        "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "30",
+        "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "5",
         # Slurm, MLflow and Mongo clients in tasks use the stack's addresses.
         "SLURM_CONF": str(SLURM_CONF),
         "PYTHONPATH": f"{REPO / 'plugins'}:{REPO}",
