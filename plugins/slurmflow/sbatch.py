@@ -2,16 +2,16 @@
 
 Pure module (Jinja only). Every option is checked against a pattern or range before it
 reaches the template, unknown options are rejected with the list of valid ones (submitit's
-rule), and every value is shell-quoted by the template's ``q`` filter. Secret environment
-values never enter the script: they are rendered into a separate file (mode 600 in the job
-directory) that the script sources.
+rule), and every value is shell-quoted by the template's ``q`` filter. Secret values never
+enter the script, nor this module: the script knows the secrets by name only and sources the
+job's mode-600 secrets file, which :mod:`slurmflow.secrets` renders.
 """
 
 from __future__ import annotations
 
 import re
 import shlex
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -206,7 +206,8 @@ class SbatchScript:
     :param job_dir: the per-run job directory on the cluster (absolute path).
     :param options: sbatch options (see :data:`OPTIONS`).
     :param environment: plain environment variables, visible in the script.
-    :param secret_names: names of secret variables, whose values go to the secrets file.
+    :param secret_names: names of the secret variables the script sources from the job's
+        secrets file (:class:`slurmflow.secrets.JobSecrets`); never their values.
     :param comment: ``--comment`` (the human-readable key).
     :param setup: shell lines run before the command (``module load ...``); verbatim.
     """
@@ -269,12 +270,13 @@ def build_script(
     job_dir: str,
     options: Mapping[str, Any] | None = None,
     environment: Mapping[str, Any] | None = None,
-    secret_environment: Mapping[str, Any] | None = None,
+    secret_names: Sequence[str] = (),
     comment: str = "",
     setup: str = "",
 ) -> SbatchScript:
-    """Validate inputs into an :class:`SbatchScript` (secret values are not kept).
+    """Validate inputs into an :class:`SbatchScript`.
 
+    :param secret_names: variables of the job's secrets file (``JobSecrets.names``).
     :raises SbatchOptionError: on unknown options, invalid values or variable names.
     """
     if not command or not command.strip():
@@ -283,7 +285,7 @@ def build_script(
         raise SbatchOptionError(f"job_dir must be an absolute path, got {job_dir!r}")
     _path(job_dir)
     env = validate_environment(environment)
-    secrets = validate_environment(secret_environment, "secret environment")
+    secrets = validate_environment(dict.fromkeys(secret_names, ""), "secret environment")
     both = sorted(set(env) & set(secrets))
     if both:
         raise SbatchOptionError(f"variables both plain and secret: {', '.join(both)}")
@@ -364,11 +366,3 @@ def render_script(
         setup=script.setup.strip(),
         command=script.command.strip(),
     )
-
-
-def render_secrets_file(secret_environment: Mapping[str, Any]) -> str:
-    """Body of the mode-600 secrets file: ``export NAME='value'`` lines, sourced by the script."""
-    secrets = validate_environment(secret_environment, "secret environment")
-    lines = ["# slurmflow: secrets for this job; mode 600, never copied into the script"]
-    lines += [f"export {name}={shlex.quote(value)}" for name, value in sorted(secrets.items())]
-    return "\n".join(lines) + "\n"

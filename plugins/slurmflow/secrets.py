@@ -75,6 +75,11 @@ class SecretRefs:
     def __bool__(self) -> bool:
         return any(self.to_dict().values())
 
+    def names(self) -> tuple[str, ...]:
+        """The variables these references may give a job (without reading a connection)."""
+        names = (MLFLOW_USERNAME, MLFLOW_PASSWORD) if self.mlflow_conn_id else ()
+        return names + ((MONGO_URI,) if self.mongo_conn_id else ())
+
     def to_dict(self) -> dict[str, str | None]:
         return {"mlflow_conn_id": self.mlflow_conn_id, "mongo_conn_id": self.mongo_conn_id,
                 "registry_conn_id": self.registry_conn_id}

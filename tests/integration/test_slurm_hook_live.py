@@ -110,14 +110,15 @@ def test_vanished_job_id_is_unknown(slurm_conn):
 
 
 def test_secrets_file_is_mode_600_and_outside_the_script(slurm_conn, stack_env):
-    from slurmflow.sbatch import render_secrets_file
+    from slurmflow.secrets import JobSecrets
 
     hook = SlurmHook()
     key = JobKey("it_hook", uuid.uuid4().hex, "secrets")
+    secrets = JobSecrets({"TOKEN": "s3cr3t-xyz"})
     script = build_script(command="true", job_name=key.job_name(0), job_dir=key.job_dir(hook.job_root, 0),
-                          options={"account": "research"}, secret_environment={"TOKEN": "s3cr3t-xyz"})
+                          options={"account": "research"}, secret_names=secrets.names)
     text = render_script(script)
-    hook.stage(script, text, render_secrets_file({"TOKEN": "s3cr3t-xyz"}))
+    hook.stage(script, text, secrets.file_text())
     out = ssh(stack_env, f"stat -c '%a' {script.secrets_path}; grep -c s3cr3t-xyz {script.script_path} || true")
     assert out.stdout.split() == ["600", "0"]
     hook.remove_tree(script.job_dir)

@@ -23,6 +23,7 @@ from slurmflow.runtimes import (
     registry_auth_files,
     resolve_runtime,
 )
+from slurmflow.secrets import JOB_SECRET_NAMES
 
 GOLDEN = Path(__file__).parent / "golden" / "runtimes"
 UPDATE = os.environ.get("SLURMFLOW_UPDATE_GOLDEN") == "1"
@@ -63,12 +64,13 @@ CASES["none"] = (
     dict(env={"HPCTRAIN_LOG_LEVEL": "info"}, env_file=f"{JOB_DIR}/.env", workdir=JOB_DIR),
 )
 CASES["none-venv"] = ("none", dict(launcher=["srun"]))
-# How the Slurm layer calls it: the job directory is only known to the job script ($SLURMFLOW_JOB_DIR).
+# How the Slurm layer calls it: the job directory is only known to the job script ($SLURMFLOW_JOB_DIR),
+# and the job's secrets (sourced from its mode-600 file) are handed over by name only.
 JOB_VARS = dict(
     binds=["$SLURMFLOW_JOB_DIR", "/datasets:/data:ro"],
     workdir="$SLURMFLOW_JOB_DIR",
     env_file="${SLURMFLOW_JOB_DIR}/.env",
-    pass_env=["SLURMFLOW_JOB_DIR", "HPCTRAIN_JOB_DIR"],
+    pass_env=["SLURMFLOW_JOB_DIR", "HPCTRAIN_JOB_DIR", *JOB_SECRET_NAMES],
 )
 CASES["docker-job-vars"] = ("docker", JOB_VARS)
 CASES["charliecloud-job-vars"] = ("charliecloud", JOB_VARS)
@@ -191,6 +193,16 @@ def test_secrets_never_appear_in_the_fragment() -> None:
         assert "s3cr3t" not in text
         assert "YWxpY2U6czNjcjN0LVBhNTU" not in text  # base64 of the pair
     assert json.loads(files["config.json"])["auths"]["registry.example.org:5000"]["auth"]
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_job_secrets_are_named_never_assigned(runtime: str) -> None:
+    """A training job's secrets reach every runtime by name: no ``NAME=`` anywhere in the fragment."""
+    text = container_command(runtime, None if runtime == "none" else IMAGE, ["true"], pass_env=JOB_SECRET_NAMES)
+    for name in JOB_SECRET_NAMES:
+        assert f"{name}=" not in text
+    if runtime in ("docker", "podman", "podman-hpc"):
+        assert all(f"-e {name} " in text for name in JOB_SECRET_NAMES)
 
 
 def test_registry_auth_files_formats() -> None:

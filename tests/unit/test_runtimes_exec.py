@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from slurmflow.runtimes import container_command, registry_auth_files
+from slurmflow.secrets import JOB_SECRET_NAMES
 
 DIGEST = "sha256:" + "5a" * 32
 IMAGE = f"registry.example.org/slurmflow/training@{DIGEST}"
@@ -160,12 +161,25 @@ def test_env_file_values_are_taken_literally(fake: dict, tmp_path: Path) -> None
     assert proc.stdout == "x y|$HOME;touch /tmp/pwned|'q'|last-no-newline|"
 
 
-def test_the_job_environment_is_passed_by_name(fake: dict) -> None:
-    text = container_command("docker", IMAGE, ["true"], pass_env=["MLFLOW_TRACKING_PASSWORD"])
-    proc = _run(text, fake, MLFLOW_TRACKING_PASSWORD="hunter2")
-    assert proc.returncode == 0
-    assert "-e MLFLOW_TRACKING_PASSWORD " in _calls(fake, "docker run")[0]
-    assert "hunter2" not in Path(fake["FAKE_LOG"]).read_text()
+#: the tool that starts the container, per runtime (its environment is what the container gets)
+RUNNER = {"docker": "docker", "podman": "podman", "podman-hpc": "podman-hpc", "charliecloud": "ch-run",
+          "apptainer": "apptainer", "singularity": "singularity", "enroot": "srun"}
+
+
+@pytest.mark.parametrize("runtime", sorted(RUNNER))
+def test_the_job_secrets_reach_the_container_by_name_never_by_argv(runtime: str, fake: dict, tmp_path: Path) -> None:
+    """As in a job: the batch shell sourced the secrets file, the fragment names the variables."""
+    values = {"MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": "hunter2-pw",
+              "MONGO_URI": "mongodb://trainer:p%40ss@db:27017/campaigns"}
+    text = container_command(runtime, IMAGE, ["true"], pass_env=JOB_SECRET_NAMES, cache_dir=str(tmp_path / "cache"))
+    proc = _run(text, fake, **values)
+    assert proc.returncode == 0, proc.stderr
+    argv = Path(fake["FAKE_LOG"]).read_text()
+    assert "hunter2-pw" not in argv and "p%40ss" not in argv
+    runner_env = "".join(p.read_text() for p in tmp_path.glob(f"env.{RUNNER[runtime]}.*"))
+    assert all(f"{k}={v}\n" in runner_env for k, v in values.items())
+    if runtime in ("docker", "podman", "podman-hpc"):
+        assert "-e MONGO_URI " in _calls(fake, f"{runtime} run")[0]
 
 
 def test_charliecloud_creates_bind_targets_in_the_image(fake: dict, tmp_path: Path) -> None:

@@ -184,3 +184,84 @@ def test_calls_with_different_logins_take_turns():
     with ThreadPoolExecutor(2) as pool:
         ra, rb = pool.submit(call, a), pool.submit(call, b)
         assert set(ra.result()) == {"alice"} and set(rb.result()) == {"bob"}
+
+
+# --- the operator and the trigger: values in the secrets file only, references in the trigger ------
+
+
+def test_the_operator_stages_the_values_in_the_file_and_hands_the_trigger_references_only(connections):
+    from airflow.sdk.exceptions import TaskDeferred
+
+    from slurmflow.operators.slurm import SlurmSubmitJobOperator
+    from tests.unit.fixtures.slurm.fakes import FakeCluster, fake_hook
+    from tests.unit.test_slurm_operator import FakeTI
+
+    cluster = FakeCluster()
+    op = SlurmSubmitJobOperator(task_id="train", command='echo "$MONGO_URI"', secret_refs=connections,
+                                sbatch_options={"account": "research"})
+    op.__dict__["hook"] = fake_hook(cluster)
+    ti = FakeTI()
+    op.render_template_fields({"ti": ti})
+    with pytest.raises(TaskDeferred) as deferred:
+        op.execute({"ti": ti})
+    secrets = gather(connections)
+    job = ti.xcom["slurm_job"]
+    staged = cluster.files[job["secrets_path"]]
+    assert f"export MONGO_URI={secrets.environment[MONGO_URI]!r}" in staged and MLFLOW_PW in staged
+    put = next(c for c in cluster.calls if c[:2] == ["sftp-put", job["secrets_path"]])
+    assert put[2] == "0o600"
+    _, kwargs = deferred.value.trigger.serialize()
+    assert kwargs["secret_refs"] == connections.to_dict()
+    # nowhere else: not the script, the XCom record, the trigger's stored kwargs, the rendered fields
+    rendered = {f: getattr(op, f) for f in op.template_fields}
+    for text in (cluster.files[job["script_path"]], json.dumps(job), json.dumps(kwargs), repr(rendered)):
+        for value in secrets.values():
+            assert value not in text
+    assert f". {job['secrets_path']}" in op.sbatch_script
+
+
+def test_the_training_operator_reads_mlflow_mongo_and_registry():
+    from slurmflow.pipeline.tasks import TrainingJobOperator
+
+    op = TrainingJobOperator(task_id="train", command="true")
+    assert op.secret_refs == SecretRefs("mlflow_default", "mongo_default", "registry_default")
+    assert ". /JOB_ROOT/" in op.preview_script()  # sources a secrets file, without reading a connection
+
+
+def test_the_trigger_masks_before_the_first_line_and_fails_rather_than_show_one(connections, monkeypatch, tmp_path):
+    import asyncio
+
+    from slurmflow import poller as poller_mod
+    from slurmflow.triggers import slurm as trigger_mod
+    from tests.unit.fixtures.slurm.fakes import FakeAsyncHook, FakeCluster
+    from tests.unit.test_slurm_trigger import RecordingLog, first_event
+
+    cluster = FakeCluster()
+    monkeypatch.setattr(poller_mod, "COALESCE_SECONDS", 0.0)
+    monkeypatch.setattr(poller_mod, "LINGER_SECONDS", 0.0)
+    monkeypatch.setattr(poller_mod, "_default_hook", lambda conn_id: FakeAsyncHook(cluster))
+    job = cluster.add_job("a", "COMPLETED")
+    (tmp_path / f"slurm-{job.job_id}.out").write_text(f"MONGO_URI={gather(connections).environment[MONGO_URI]}\n")
+    order: list[str] = []
+
+    def make():
+        trigger = trigger_mod.SlurmJobTrigger(job_id=job.job_id, secret_refs=connections.to_dict(),
+                                              paths={"job_dir": str(tmp_path), "output": str(tmp_path / "slurm-%j.out")},
+                                              settings={"poll_interval": 0.01, "max_poll_interval": 0.02})
+        trigger._log = RecordingLog()
+        trigger._log.info = lambda msg, *args: order.append(msg % args)
+        return trigger
+
+    monkeypatch.setattr(trigger_mod, "mask_refs", lambda refs: order.append(f"mask {sorted(refs)}") or 5)
+    assert asyncio.run(first_event(make()))["status"] == "success"
+    assert order[0] == "mask ['mlflow_conn_id', 'mongo_conn_id', 'registry_conn_id']"
+    assert any("MONGO_URI=" in line for line in order[1:])
+
+    def unreadable(refs):
+        raise RuntimeError("connection mongo_t unreachable")
+
+    monkeypatch.setattr(trigger_mod, "mask_refs", unreadable)
+    order.clear()
+    event = asyncio.run(first_event(make()))
+    assert event["status"] == "error" and "cannot mask the secrets" in event["message"]
+    assert not any("MONGO_URI=" in line for line in order)

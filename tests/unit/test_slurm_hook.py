@@ -6,7 +6,8 @@ import pytest
 
 from slurmflow.errors import SlurmConnectionError, SlurmSubmitError
 from slurmflow.identity import JobKey
-from slurmflow.sbatch import build_script, render_script, render_secrets_file
+from slurmflow.sbatch import build_script, render_script
+from slurmflow.secrets import JobSecrets
 from tests.unit.fixtures.slurm.fakes import FakeCluster, fake_hook
 
 KEY = JobKey("dag", "run1", "train")
@@ -18,9 +19,9 @@ def prepared(gen=0, secrets=None):
         job_name=KEY.job_name(gen),
         job_dir=KEY.job_dir("/home/u/jobs", gen),
         options={"account": "research"},
-        secret_environment=secrets,
+        secret_names=JobSecrets(secrets or {}).names,
     )
-    return script, render_script(script), render_secrets_file(secrets) if secrets else None
+    return script, render_script(script), JobSecrets(secrets or {}).file_text()
 
 
 def submit(hook, gen=0, secrets=None):

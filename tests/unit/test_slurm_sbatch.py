@@ -20,8 +20,8 @@ from slurmflow.sbatch import (
     expand_log_path,
     normalize_options,
     render_script,
-    render_secrets_file,
 )
+from slurmflow.secrets import JobSecrets
 from tests.unit.fixtures.slurm.fakes import FIXTURES
 
 KEY = JobKey("train_dag", "manual__2024-05-01T00:00:00+00:00", "fit", 3)
@@ -51,7 +51,7 @@ def full_script():
             "error": "logs/%A_%a.err",
         },
         environment={"IMAGE": "127.0.0.1:5000/slurmflow/train@sha256:abc", "WEIRD": NASTY},
-        secret_environment={"MLFLOW_TRACKING_PASSWORD": "s3cr3t-value"},
+        secret_names=("MLFLOW_TRACKING_PASSWORD",),
         comment=KEY.comment(1),
         setup="module load cuda",
     )
@@ -65,10 +65,10 @@ def test_golden_script():
     assert text == golden.read_text()
 
 
-def test_script_is_valid_bash_and_secret_free():
+def test_script_is_valid_bash_and_sources_the_secrets_by_path():
     text = render_script(full_script())
     subprocess.run(["bash", "-n"], input=text.encode(), check=True)  # noqa: S603,S607
-    assert "s3cr3t-value" not in text
+    assert "MLFLOW_TRACKING_PASSWORD" not in text  # not even the names: the file exports them
     assert ". /home/u/slurmflow-jobs/train_dag/" in text and ".slurmflow-secrets.env" in text
 
 
@@ -84,7 +84,7 @@ def test_environment_values_stay_literal_in_bash(tmp_path):
 
 
 def test_secrets_file_round_trips(tmp_path):
-    text = render_secrets_file({"TOKEN": NASTY, "B": "plain"})
+    text = JobSecrets({"TOKEN": NASTY, "B": "plain"}).file_text()
     path = tmp_path / "s.env"
     path.write_text(text)
     out = subprocess.run(
@@ -164,7 +164,7 @@ def test_bad_inputs():
     with pytest.raises(SbatchOptionError, match="variable name"):
         build_script(command="true", job_name="n", job_dir="/j", environment={"X=$(id)": "x"})
     with pytest.raises(SbatchOptionError, match="both plain and secret"):
-        build_script(command="true", job_name="n", job_dir="/j", environment={"A": "1"}, secret_environment={"A": "2"})
+        build_script(command="true", job_name="n", job_dir="/j", environment={"A": "1"}, secret_names=("A",))
 
 
 def test_signal_forwarding_only_for_batch_shell_signals():

@@ -29,8 +29,8 @@ from slurmflow.sbatch import (
     SbatchScript,
     build_script,
     render_script,
-    render_secrets_file,
 )
+from slurmflow.secrets import JobSecrets, SecretRefs, gather
 from slurmflow.status import JobSnapshot
 from slurmflow.triggers.slurm import SlurmJobTrigger
 from slurmflow.wait import WaitEvent, WaitSettings
@@ -72,9 +72,16 @@ class SlurmSubmitJobOperator(BaseOperator):
         ``array`` (``"0-9%2"``), ``signal`` (``"B:USR2@120"``), ``requeue``, ``output``,
         ``error``, ``chdir``; unknown options fail with the list of valid ones (templated).
     :param environment: environment variables for the job, written (quoted) into the script (templated).
-    :param secret_environment: environment variables written to a mode-600 file in the job
-        directory that the script sources; never in the script, argv or logs (templated; values
-        are masked in Airflow's logs and rendered fields).
+    :param secret_refs: connections whose credentials the job receives
+        (:class:`~slurmflow.secrets.SecretRefs` or its dict: MLflow login, Mongo URI, registry
+        login). Their values go only into the job's mode-600 secrets file, which the script
+        sources on the node; they are masked in this task's log, its rendered fields and, since
+        the trigger carries these references (never values) and masks them again, in the
+        triggerer's log too - lines the job itself prints included. See :mod:`slurmflow.secrets`.
+    :param secret_environment: further secret variables for that file (templated, e.g.
+        ``{{ conn.x.password }}``); masked in this task's process. The trigger cannot mask these
+        (it never holds values): a deferrable job that prints them should get them through a
+        connection in ``secret_refs`` instead.
     :param setup: shell lines run before the command (``module load ...``) (templated).
     :param slurm_conn_id: SSH connection of the login node.
     :param job_root: directory on the cluster under which per-run job directories are created
@@ -128,6 +135,7 @@ class SlurmSubmitJobOperator(BaseOperator):
         sbatch_options: Mapping[str, Any] | None = None,
         environment: Mapping[str, Any] | None = None,
         secret_environment: Mapping[str, Any] | None = None,
+        secret_refs: SecretRefs | Mapping[str, Any] | None = None,
         setup: str = "",
         slurm_conn_id: str = "slurm_default",
         job_root: str | None = None,
@@ -151,6 +159,7 @@ class SlurmSubmitJobOperator(BaseOperator):
         self.sbatch_options = dict(sbatch_options or {})
         self.environment = dict(environment or {})
         self.secret_environment = dict(secret_environment or {})
+        self.secret_refs = SecretRefs.from_dict(secret_refs)
         self.setup = setup
         self.slurm_conn_id = slurm_conn_id
         self.job_root = job_root
@@ -170,6 +179,7 @@ class SlurmSubmitJobOperator(BaseOperator):
         #: The rendered sbatch script (filled in when templates are rendered, before execute).
         self.sbatch_script = ""
         self._script: SbatchScript | None = None
+        self._secrets: JobSecrets | None = None
         self._identity: JobIdentity | None = None
         self._job_id: str | None = None
 
@@ -184,17 +194,17 @@ class SlurmSubmitJobOperator(BaseOperator):
         # Cleared first: a script rendered earlier (bash full of "${...}") is no Jinja template.
         self.sbatch_script = ""
         super().render_template_fields(context, jinja_env)
-        self._mask_secrets()
+        # Masked before anything is stored or logged: Airflow redacts the rendered fields with
+        # the masker, and a resumed task (execute_complete) renders, so masks, again.
+        self._secrets = self._gather_secrets()
+        self._secrets.mask()
         self._prepare(context)
 
-    def _mask_secrets(self) -> None:
+    def _gather_secrets(self) -> JobSecrets:
         try:
-            from airflow.sdk.log import mask_secret
-        except ImportError:  # pragma: no cover - older SDKs
-            return
-        for name, value in self.secret_environment.items():
-            if value not in (None, ""):
-                mask_secret(str(value), name)
+            return gather(self.secret_refs, self.secret_environment)
+        except ValueError as exc:
+            raise AirflowFailException(f"invalid secrets for task {self.task_id}: {exc}") from exc
 
     def _prepare(self, context: Context) -> SbatchScript:
         ti = context["ti"]
@@ -220,12 +230,18 @@ class SlurmSubmitJobOperator(BaseOperator):
                 job_dir=job_dir,
                 options=self.sbatch_options,
                 environment=self.environment,
-                secret_environment=self.secret_environment,
+                secret_names=self._secret_names(),
                 comment=comment,
                 setup=self.setup,
             )
         except SbatchOptionError as exc:
             raise AirflowFailException(f"invalid Slurm job definition for task {self.task_id}: {exc}") from exc
+
+    def _secret_names(self) -> tuple[str, ...]:
+        if self._secrets is not None:
+            return self._secrets.names
+        # A preview reads no connection: the names the references may give
+        return tuple(sorted({*self.secret_environment, *self.secret_refs.names()}))
 
     def preview_script(self, run_id: str = "dry_run") -> str:
         """The sbatch script this task would submit, without a run context or a connection
@@ -244,7 +260,8 @@ class SlurmSubmitJobOperator(BaseOperator):
         script = self._script or self._prepare(context)
         ident = self._identity
         assert ident is not None
-        secrets_text = render_secrets_file(self.secret_environment) if script.secret_names else None
+        secrets = self._secrets or self._gather_secrets()
+        secrets_text = secrets.file_text() if script.secret_names else None
         try:
             if self.preflight:
                 self.hook.stage(script, self.sbatch_script, secrets_text)
@@ -333,6 +350,7 @@ class SlurmSubmitJobOperator(BaseOperator):
             paths=self._paths(job).to_dict(),
             expected_tasks=job["array_tasks"],
             cancel_on_kill=True,
+            secret_refs=self.secret_refs.to_dict() if self.secret_refs else None,
         )
 
     def _wait_blocking(self, job: Mapping[str, Any], context: Context) -> dict[str, Any] | None:
@@ -366,20 +384,26 @@ class SlurmSubmitJobOperator(BaseOperator):
             return self._finish(event.snapshot, job, event.log_tail)
         if event.status == "timeout":
             self._cancel_quietly(job["job_id"])
+            self._remove_secrets(job)
             raise AirflowException(f"{event.message}; job {job['job_id']} cancelled")
         # Polling failed for good (cluster unreachable, job vanished). With retries left the job
         # is left alone: the retry re-attaches to it. On the last try it is cancelled, so no
         # job outlives its task.
         if last_try:
             self._cancel_quietly(job["job_id"])
+            self._remove_secrets(job)
         raise AirflowException(f"waiting for Slurm job {job['job_id']} failed: {event.message}")
 
-    def _finish(self, snap: JobSnapshot, job: Mapping[str, Any], tail: str) -> dict[str, Any] | None:
+    def _remove_secrets(self, job: Mapping[str, Any]) -> None:
+        """Delete the job's secrets file: its job is over (or cancelled), nothing sources it again."""
         if self.cleanup_secrets and job.get("secrets_path"):
             try:
                 self.hook.remove(job["secrets_path"])
             except SlurmError as exc:
                 self.log.warning("Could not delete the secrets file %s: %s", job["secrets_path"], exc)
+
+    def _finish(self, snap: JobSnapshot, job: Mapping[str, Any], tail: str) -> dict[str, Any] | None:
+        self._remove_secrets(job)
         result = result_dict(snap, job)
         if not snap.state.is_successful:
             if tail:

@@ -13,14 +13,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from slurmflow.runtimes import container_command
+from slurmflow.secrets import JOB_SECRET_NAMES
 
 #: config file of each task inside the training image (docker/training.Dockerfile copies training/)
 CONFIGS = {"surrogate": "surrogate_mongo.yaml", "deepcam": "deepcam.yaml"}
 IMAGE_CONFIG_DIR = "/opt/hpctrain/configs"
 #: training checkpoints and requeues on this signal, sent 60 s before the time limit
 PREEMPT_SIGNAL = "B:USR2@60"
-#: secrets the job needs; values travel in the mode-600 secrets file, never the script
-SECRET_NAMES = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 
 
 @dataclass(frozen=True)
@@ -32,7 +31,6 @@ class Site:
     :param runtime: default container runtime.
     :param auth_dir: cluster folder with the registry credentials (mode 700), see RegistryHook.
     :param tracking_uri: MLflow as seen from compute nodes (training falls back to offline).
-    :param mongo_uri: MongoDB as seen from compute nodes (surrogate data).
     :param run_args: site flags for the runtime (e.g. podman's ``--runtime runc``).
     :param insecure_registry: the registry speaks plain HTTP (the local stack).
     """
@@ -42,7 +40,6 @@ class Site:
     runtime: str
     auth_dir: str | None = None
     tracking_uri: str = ""
-    mongo_uri: str = ""
     run_args: Sequence[str] = ()
     insecure_registry: bool = False
     extra_env: Mapping[str, str] = field(default_factory=dict)
@@ -94,12 +91,15 @@ def sbatch_options(params: Mapping[str, Any], site: Site, array: str | None = No
 def container_options(params: Mapping[str, Any], site: Site) -> dict[str, Any]:
     """Keyword arguments of :func:`~slurmflow.runtimes.container_command` for a training job."""
     multi = int(params["nodes"]) * int(params["ntasks_per_node"]) > 1
-    env = {"MLFLOW_TRACKING_URI": site.tracking_uri, "MONGO_URI": site.mongo_uri, **site.extra_env}
+    env = {"MLFLOW_TRACKING_URI": site.tracking_uri, **site.extra_env}
     return {
         "gpus": int(params.get("gpus_per_node") or 0) > 0,
         "binds": ["$SLURMFLOW_JOB_DIR"],
+        # plain values only: they are written into the script and onto the runtime's command line
         "env": {k: v for k, v in env.items() if v},
-        "pass_env": ["SLURMFLOW_JOB_DIR", "HPCTRAIN_JOB_DIR", *SECRET_NAMES],
+        # the job's secrets (MONGO_URI among them) by name: the batch shell sourced their values
+        # from the mode-600 secrets file (slurmflow.secrets), the runtime reads them from there
+        "pass_env": ["SLURMFLOW_JOB_DIR", "HPCTRAIN_JOB_DIR", *JOB_SECRET_NAMES],
         "auth_dir": site.auth_dir,
         "insecure_registry": site.insecure_registry,
         "run_args": list(site.run_args),

@@ -21,6 +21,7 @@ from slurmflow.identity import XCOM_JOB_KEY, JobIdentity, JobKey, generation_of
 from slurmflow.links import MlflowModelLink, MlflowRunLink
 from slurmflow.operators.slurm import SlurmSubmitJobOperator
 from slurmflow.pipeline.jobs import Site, sbatch_options, training_job
+from slurmflow.secrets import SecretRefs, gather
 
 log = logging.getLogger(__name__)
 
@@ -73,35 +74,30 @@ def site_settings(home: str | None = None) -> Site:
         auth_dir=f"{home}/{AUTH_DIR}" if home else None,
         tracking_uri=Variable.get("slurmflow_job_tracking_uri",
                                   default=f"{mlflow.schema or 'http'}://{mlflow.host}:{mlflow.port}"),
-        mongo_uri=Variable.get("slurmflow_job_mongo_uri", default=""),
         run_args=json.loads(Variable.get("slurmflow_runtime_args", default="[]")),
         insecure_registry=Variable.get("slurmflow_insecure_registry", default="false").lower() == "true",
     )
 
 
 class TrainingJobOperator(SlurmSubmitJobOperator):
-    """Submit a training job; the MLflow credentials reach it through the job's secrets file.
+    """Submit a training job with the credentials it needs, read from connections at run time.
 
-    They come from the ``mlflow_default`` connection at run time, so they are never in the
-    DAG, XCom, the sbatch script or argv (the Slurm layer masks them in logs and rendered fields).
+    The MLflow login (live metrics), the Mongo URI (surrogate data) and the registry login (the
+    pull) go through :mod:`slurmflow.secrets`: the job's mode-600 secrets file and auth_dir,
+    masked everywhere, never in the DAG, XCom, the sbatch script or argv.
 
-    :param mlflow_conn_id: connection whose login/password the training uses for live metrics.
+    :param mlflow_conn_id: MLflow connection (``MLFLOW_TRACKING_USERNAME``/``_PASSWORD``).
+    :param mongo_conn_id: MongoDB connection as compute nodes reach it (``MONGO_URI``).
+    :param registry_conn_id: the registry whose login jobs pull with (masked: a job can read it).
     """
 
-    def __init__(self, *, sbatch_options: Any = None, mlflow_conn_id: str = "mlflow_default", **kwargs: Any) -> None:
+    def __init__(self, *, sbatch_options: Any = None, mlflow_conn_id: str = "mlflow_default",
+                 mongo_conn_id: str = "mongo_default", registry_conn_id: str = "registry_default",
+                 **kwargs: Any) -> None:
+        kwargs.setdefault("secret_refs", SecretRefs(mlflow_conn_id, mongo_conn_id, registry_conn_id))
         super().__init__(**kwargs)
         # May be an XComArg (the job_spec task's output): resolved when templates are rendered.
         self.sbatch_options = sbatch_options or {}
-        self.mlflow_conn_id = mlflow_conn_id
-
-    def render_template_fields(self, context: Any, jinja_env: Any = None) -> None:
-        super().render_template_fields(context, jinja_env)
-        conn = BaseHook.get_connection(self.mlflow_conn_id)
-        if conn.login:
-            self.secret_environment = {**self.secret_environment, "MLFLOW_TRACKING_USERNAME": conn.login,
-                                       "MLFLOW_TRACKING_PASSWORD": conn.password or ""}
-            self._mask_secrets()
-            self._prepare(context)  # re-render the script: it now sources a secrets file
 
 
 def _slurm_hook():
@@ -151,8 +147,6 @@ def preflight() -> str:
 
 def _stage_registry_auth(hook: Any) -> str:
     """Give the cluster user the registry credentials jobs pull with (mode-700 dir, mode-600 files)."""
-    from slurmflow.secrets import SecretRefs, gather
-
     secrets = gather(SecretRefs(registry_conn_id="registry_default"))
     secrets.mask()
     auth_dir = f"{hook.home}/{AUTH_DIR}"

@@ -39,6 +39,7 @@ from slurmflow.identity import XCOM_JOB_KEY, XCOM_LOG_OFFSETS
 from slurmflow.logs import DEFAULT_TAIL_BYTES
 from slurmflow.paths import JobPaths
 from slurmflow.poller import Subscription, get_poller
+from slurmflow.secrets import SecretRefs, mask_refs
 from slurmflow.wait import WaitEngine, WaitSettings
 
 
@@ -54,6 +55,9 @@ class SlurmJobTrigger(BaseTrigger):
     :param expected_tasks: number of array tasks (arrays only).
     :param cancel_on_kill: scancel the job when a user kills the deferred task (False for a
         sensor watching someone else's job).
+    :param secret_refs: :class:`~slurmflow.secrets.SecretRefs` as a dict: the connections whose
+        values the job holds; masked in the triggerer before any log line is shown (kwargs are
+        stored in the database: references only, never values).
 
     Keyword arguments of earlier versions (``poll_interval``, ``log_pattern``, ``user``...) are
     still accepted, so triggers serialized before an upgrade resume.
@@ -69,6 +73,7 @@ class SlurmJobTrigger(BaseTrigger):
         log_offsets: dict[str, int] | None = None,
         expected_tasks: int | None = None,
         cancel_on_kill: bool = True,
+        secret_refs: dict[str, Any] | None = None,
         **legacy: Any,
     ) -> None:
         super().__init__()
@@ -81,6 +86,7 @@ class SlurmJobTrigger(BaseTrigger):
         self.log_offsets = dict(log_offsets or {})
         self.expected_tasks = expected_tasks
         self.cancel_on_kill = cancel_on_kill
+        self.secret_refs = SecretRefs.from_dict(secret_refs).to_dict() if secret_refs else None
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -93,11 +99,18 @@ class SlurmJobTrigger(BaseTrigger):
                 "log_offsets": dict(self.log_offsets),
                 "expected_tasks": self.expected_tasks,
                 "cancel_on_kill": self.cancel_on_kill,
+                "secret_refs": self.secret_refs,
             },
         )
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         engine = WaitEngine(self.job_id, self.settings, self.paths, offsets=self.log_offsets)
+        if self.secret_refs:
+            try:  # the triggerer's own masker learns the job's secrets before any line is shown
+                await _in_thread(mask_refs, self.secret_refs)
+            except Exception as exc:
+                yield TriggerEvent(engine.gave_up(f"cannot mask the secrets of Slurm job {self.job_id}: {exc}").to_payload())
+                return
         try:
             poller = get_poller(self.slurm_conn_id)
             sub = Subscription(

@@ -25,5 +25,5 @@ if [ ! -e "$sf_img" ]; then
 fi
 (
   sf_load_env "${SLURMFLOW_JOB_DIR}"/.env
-  exec srun --container-image="$sf_img" --container-mounts="${SLURMFLOW_JOB_DIR}":"${SLURMFLOW_JOB_DIR}",/datasets:/data:ro --container-workdir="${SLURMFLOW_JOB_DIR}" --container-env=SLURMFLOW_JOB_DIR,HPCTRAIN_JOB_DIR python -m hpctrain fit --config '/scratch/jobs/nightly run 7/config.yaml'
+  exec srun --container-image="$sf_img" --container-mounts="${SLURMFLOW_JOB_DIR}":"${SLURMFLOW_JOB_DIR}",/datasets:/data:ro --container-workdir="${SLURMFLOW_JOB_DIR}" --container-env=SLURMFLOW_JOB_DIR,HPCTRAIN_JOB_DIR,MLFLOW_TRACKING_USERNAME,MLFLOW_TRACKING_PASSWORD,MONGO_URI python -m hpctrain fit --config '/scratch/jobs/nightly run 7/config.yaml'
 )
