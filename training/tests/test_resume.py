@@ -74,6 +74,9 @@ def test_preempted_run_resumes_to_identical_state(hpctrain, borehole_csv, tmp_pa
     assert resumed["training"]["resumed_from"] == "checkpoints/last.ckpt"
     assert resumed["mlflow"]["run_id"] == manifest["mlflow"]["run_id"]  # one MLflow run across attempts
     assert [row["epoch"] for row in resumed["metrics"]["history"]] == [0, 1, 2]
+    # each attempt's steps: the second resumed exactly where the first stopped (nothing redone)
+    assert [(a["start_step"], a["end_step"], a["status"]) for a in resumed["training"]["attempts"]] == [
+        (0, stopped_at, "preempted"), (stopped_at, 3 * STEPS_PER_EPOCH, "completed")]
 
     # an uninterrupted run with the same seed ends in exactly the same state
     assert hpctrain("fit", *RESUME_ARGS, f"--data.path={borehole_csv}", f"--run.job_dir={reference}") == 0
@@ -104,5 +107,8 @@ def test_signal_before_training_starts_exits_preempted(hpctrain, borehole_csv, t
     os.kill(os.getpid(), signal.SIGUSR2)
     rc = hpctrain("fit", *SURROGATE_TINY, f"--data.path={borehole_csv}", f"--run.job_dir={tmp_path}")
     assert rc == 75
-    assert load_manifest(tmp_path)["status"] == "preempted"
+    manifest = load_manifest(tmp_path)
+    assert manifest["status"] == "preempted"
+    assert manifest["training"]["attempts"] == [{"restart": 0, "start_step": None, "end_step": None,
+                                                 "status": "preempted"}]
     assert not (tmp_path / "checkpoints" / "last.ckpt").exists()

@@ -16,7 +16,6 @@ from hpctrain.data.sampling import EpochShuffleSampler, ResumableLoader
 from hpctrain.environment import default_num_threads, slurm_facts
 from hpctrain.job import JobDir, resolve_job_dir, write_json_atomic
 from hpctrain.manifest import is_complete, load_manifest, write_manifest
-from hpctrain.preemption import slurm_job_id
 from hpctrain.redact import redact
 from hpctrain.signals import SignalLatch, parse_signal
 
@@ -86,12 +85,8 @@ def test_latch_catches_signal_instead_of_dying():
     assert signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None)
 
 
-def test_slurm_job_id_and_facts():
+def test_slurm_facts():
     env = {"SLURM_JOB_ID": "1234", "SLURM_NTASKS": "2", "SLURM_RESTART_COUNT": "1", "HOME": "/x"}
-    assert slurm_job_id(env) == "1234"
-    assert slurm_job_id({**env, "SLURM_ARRAY_JOB_ID": "1200", "SLURM_ARRAY_TASK_ID": "7"}) == "1200_7"
-    assert slurm_job_id({"SLURM_JOB_ID": "12; rm -rf /"}) is None  # never reaches scontrol
-    assert slurm_job_id({}) is None
     assert slurm_facts(env) == {"SLURM_JOB_ID": "1234", "SLURM_NTASKS": "2", "SLURM_RESTART_COUNT": "1"}
     assert default_num_threads({"SLURM_CPUS_PER_TASK": "4"}) == 4
     assert default_num_threads({}) is None
@@ -200,23 +195,6 @@ def test_borehole_table():
         }.items()
     }
     assert 70 < float(borehole(nominal)[0]) < 80  # the textbook value at the range midpoints is ~72.9
-
-
-def test_requeue_job_calls_scontrol_and_reports_refusal(tmp_path, monkeypatch):
-    from hpctrain.preemption import requeue_job
-
-    record = tmp_path / "calls"
-    scontrol = tmp_path / "scontrol"
-    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {record}\nexit ${{FAKE_RC:-0}}\n')
-    scontrol.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
-    assert requeue_job({"SLURM_JOB_ID": "77"}) is True
-    monkeypatch.setenv("FAKE_RC", "1")
-    assert (
-        requeue_job({"SLURM_ARRAY_JOB_ID": "70", "SLURM_ARRAY_TASK_ID": "3", "SLURM_JOB_ID": "77"}) is False
-    )
-    assert record.read_text().splitlines() == ["requeue 77", "requeue 70_3"]
-    assert requeue_job({}) is False  # not under Slurm: nothing to requeue
 
 
 def test_console_script_and_module_entry_points(tmp_path):

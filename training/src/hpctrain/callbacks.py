@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
 import random
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -12,6 +14,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from hpctrain.data.sampling import ResumableLoader
+from hpctrain.job import read_json, write_json_atomic
 
 
 def _capture_rng() -> dict[str, Any]:
@@ -146,3 +149,46 @@ class EpochHistory(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.rows = list(state_dict.get("rows", []))
+
+
+class AttemptLog(Callback):
+    """Where each attempt of a job started and stopped, across requeues (``training.attempts``).
+
+    One row per attempt: ``restart`` (``SLURM_RESTART_COUNT``), ``start_step`` (the global step it
+    resumed at, ``None`` if it stopped before training started), ``end_step`` and ``status``
+    (``running`` until it stops; a row left ``running`` is an attempt killed without a checkpoint).
+    The steps an attempt trained again are the previous row's ``end_step`` minus its
+    ``start_step``: 0 after a preemption checkpoint, at most one checkpoint interval otherwise.
+    Rows live in a file of the job directory, not in checkpoints, so that an attempt killed before
+    it could save still leaves its row. Rank 0 writes.
+
+    :param path: the rows' file (``<job_dir>/.hpctrain/attempts.json``).
+    :param restart: this attempt's restart count.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], restart: int) -> None:
+        self.path = Path(path)
+        self.restart = restart
+        self._started = False
+
+    def rows(self) -> list[dict[str, Any]]:
+        rows = read_json(self.path)
+        return rows if isinstance(rows, list) else []
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Before the preemption callback's on_train_start, which may stop the attempt right here.
+        if not trainer.is_global_zero:
+            return
+        row = {"restart": self.restart, "start_step": int(trainer.global_step), "end_step": None, "status": "running"}
+        write_json_atomic(self.path, [*self.rows(), row])
+        self._started = True
+
+    def finish(self, status: str, step: int) -> list[dict[str, Any]]:
+        """Close this attempt's row (rank 0 only) and return every row."""
+        rows = self.rows()
+        if self._started and rows:
+            rows[-1].update(end_step=int(step), status=status)
+        else:
+            rows.append({"restart": self.restart, "start_step": None, "end_step": None, "status": status})
+        write_json_atomic(self.path, rows)
+        return rows

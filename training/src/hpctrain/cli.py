@@ -16,7 +16,7 @@ commands:
   upload     replay a job's offline MLflow store into a tracking server (hpctrain upload --help)
   make-data  write the synthetic borehole surrogate table to Parquet/CSV (hpctrain make-data --help)
 
-exit codes: 0 ok (also: job already complete), 2 config error, 75 preempted (requeued), 1 failure
+exit codes: 0 ok (also: job already complete), 2 config error, 75 preempted (checkpoint saved: requeue me), 1 failure
 """
 
 

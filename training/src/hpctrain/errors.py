@@ -2,7 +2,7 @@
 
 Each one stands for an outcome the orchestrator must tell apart from a crash: a config that can
 never run (exit 2, do not retry), a job that already finished (exit 0), a preempted job that
-checkpointed and asked to be requeued (exit 75, ``EX_TEMPFAIL``: try again later).
+checkpointed and must run again (exit 75, ``EX_TEMPFAIL``: the launcher requeues it).
 """
 
 from __future__ import annotations
@@ -31,10 +31,8 @@ class Preempted(Exception):
 
     :param checkpoint: the checkpoint the next attempt resumes from (``None`` if the signal came
         before training started, when the previous checkpoint, if any, is still the latest).
-    :param requeued: whether ``scontrol requeue`` accepted the job.
     """
 
-    def __init__(self, checkpoint: str | None, requeued: bool) -> None:
-        super().__init__(f"preempted; checkpoint={checkpoint} requeued={requeued}")
+    def __init__(self, checkpoint: str | None) -> None:
+        super().__init__(f"preempted; checkpoint={checkpoint}")
         self.checkpoint = checkpoint
-        self.requeued = requeued

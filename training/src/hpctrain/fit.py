@@ -3,7 +3,8 @@
 1. Parse and type-check the config (LightningCLI); a complete ``result.json`` ends here (exit 0).
 2. Check the data source cheaply (file exists, columns present, query non-empty): exit 2.
 3. ``trainer.fit`` resuming from ``checkpoints/last.ckpt`` when a previous attempt left one.
-4. On the preemption signal: checkpoint, requeue, manifest ``status: preempted``, exit 75.
+4. On the preemption signal: checkpoint, manifest ``status: preempted``, exit 75 (the launcher
+   requeues the job: slurmflow's batch script runs ``scontrol requeue`` on the node).
 5. Export the best model, write ``result.json`` atomically, log artifacts to MLflow.
 
 Exit codes: 0 done (or already done), 2 config error, 75 preempted, 1 anything else.
@@ -29,7 +30,6 @@ from hpctrain.export import export_model, load_model, rebuild
 from hpctrain.job import JobDir
 from hpctrain.lightning_cli import HpcTrainCLI
 from hpctrain.manifest import utc_now, write_manifest
-from hpctrain.preemption import requeue_job
 from hpctrain.redact import redact
 
 log = logging.getLogger("hpctrain")
@@ -140,9 +140,21 @@ class FitJob:
                 "last_checkpoint": self.job.relative(self.job.last_checkpoint)
                 if self.job.last_checkpoint.exists()
                 else None,
+                "attempts": self._close_attempt(status),
             },
             "monitor": {"metric": ckpt.monitor if ckpt else None, "mode": ckpt.mode if ckpt else None},
         }
+
+    def _close_attempt(self, status: str) -> list[dict[str, Any]]:
+        """This attempt's row closed with ``status``, after the rows of the earlier attempts."""
+        attempts = self.cli.attempts
+        if attempts is None:
+            return []
+        try:
+            return attempts.finish(status, int(self.trainer.global_step))
+        except OSError as exc:  # bookkeeping: never the reason a training fails
+            log.warning("could not record the attempt: %s", exc)
+            return attempts.rows()
 
     # -- the attempt ------------------------------------------------------------------------
     def run(self) -> int:
@@ -150,10 +162,7 @@ class FitJob:
         latch = self.cli.latch
         if latch is not None and latch.triggered:
             # Preempted while starting up: nothing new to save.
-            raise Preempted(
-                str(self.job.last_checkpoint) if self.job.last_checkpoint.exists() else None,
-                self.options.requeue and self.is_rank_zero and requeue_job(),
-            )
+            raise Preempted(str(self.job.last_checkpoint) if self.job.last_checkpoint.exists() else None)
         if self.job.last_checkpoint.exists():
             self.resumed_from = str(self.job.last_checkpoint)
             log.info("resuming from %s", self.resumed_from)

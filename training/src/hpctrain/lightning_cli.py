@@ -6,9 +6,9 @@ line flag (``--model.lr 0.01``, ``--data.batch_size 128``, ``--trainer.max_epoch
 it this class:
 
 * resolves the job directory and refuses to retrain a job whose ``result.json`` is complete,
-* installs the preemption signal latch and adds the checkpoint/requeue callbacks,
+* installs the preemption signal latch and adds the checkpoint-and-stop callbacks,
 * derives ``devices``/``num_nodes`` from the ``srun`` step and uses Lightning's
-  ``SLURMEnvironment`` with ``auto_requeue=False`` (our callback requeues, see
+  ``SLURMEnvironment`` with ``auto_requeue=False`` (the batch script requeues on exit 75, see
   :mod:`hpctrain.preemption`),
 * picks the MLflow target (server or offline store) and keeps one run across requeues.
 
@@ -31,7 +31,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from hpctrain import environment, tracking
-from hpctrain.callbacks import EpochHistory, ResumeStateCallback
+from hpctrain.callbacks import AttemptLog, EpochHistory, ResumeStateCallback
 from hpctrain.data.base import HpcDataModule
 from hpctrain.errors import AlreadyComplete
 from hpctrain.job import JOB_DIR_ENV, JobDir, resolve_job_dir
@@ -75,6 +75,7 @@ class HpcTrainCLI(LightningCLI):
         self.history = EpochHistory()
         self.checkpoint_callback: ModelCheckpoint | None = None
         self.preemption_callback: PreemptionCallback | None = None
+        self.attempts: AttemptLog | None = None
         super().__init__(
             model_class=TaskModule,
             datamodule_class=HpcDataModule,
@@ -151,11 +152,11 @@ class HpcTrainCLI(LightningCLI):
             # ckpt_path="last" must find the newest state under one name.
             enable_version_counter=False,
         )
-        self.preemption_callback = PreemptionCallback(
-            self.latch, self.job.last_checkpoint, requeue=run.requeue
-        )
+        self.preemption_callback = PreemptionCallback(self.latch, self.job.last_checkpoint)
+        self.attempts = AttemptLog(self.job.state / "attempts.json", environment.restart_count())
         callbacks = list(self._get(self.config_init, "trainer.callbacks") or [])
-        callbacks += [self.preemption_callback, ResumeStateCallback(), self.history, self.checkpoint_callback]
+        callbacks += [self.attempts, self.preemption_callback, ResumeStateCallback(), self.history,
+                      self.checkpoint_callback]
         kwargs["callbacks"] = callbacks
 
         if trainer_cfg.logger is None or trainer_cfg.logger is True:

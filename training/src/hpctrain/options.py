@@ -24,7 +24,6 @@ class RunOptions:
     :param monitor_mode: ``min`` or ``max`` (default: the task's).
     :param save_top_k: best checkpoints kept besides ``last.ckpt``.
     :param preemption_signal: the signal announcing preemption (``sbatch --signal=B:USR2@60``).
-    :param requeue: ``scontrol requeue`` the job after the preemption checkpoint.
     :param num_threads: torch intra-op threads (default: ``$SLURM_CPUS_PER_TASK`` when set).
     :param smoke: a fast dev run (one batch of train and validation) for pipeline tests; its
         manifest is marked ``smoke`` and never counts as a finished job.
@@ -42,7 +41,6 @@ class RunOptions:
     monitor_mode: Literal["min", "max"] | None = None
     save_top_k: int = 1
     preemption_signal: str = DEFAULT_SIGNAL
-    requeue: bool = True
     num_threads: int | None = None
     smoke: bool = False
     export_program: bool = True
