@@ -86,6 +86,7 @@ class SlurmJobTrigger(BaseTrigger):
         self.log_offsets = dict(log_offsets or {})
         self.expected_tasks = expected_tasks
         self.cancel_on_kill = cancel_on_kill
+        self._offsets_warned = False
         self.secret_refs = SecretRefs.from_dict(secret_refs).to_dict() if secret_refs else None
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
@@ -198,8 +199,10 @@ class SlurmJobTrigger(BaseTrigger):
             try:
                 stored = await _in_thread(_get_xcom, ti, XCOM_LOG_OFFSETS)
             except Exception as exc:
-                self.log.warning("Log offsets of Slurm job %s unknown (%s): not streaming its log until "
-                                 "they can be read, so that no line shows twice", self.job_id, exc)
+                if not self._offsets_warned:
+                    self.log.warning("Log offsets of Slurm job %s unknown (%s): not streaming its log until "
+                                     "they can be read, so that no line shows twice", self.job_id, exc)
+                    self._offsets_warned = True
                 return None
             for path, offset in (stored or {}).items():
                 if int(offset) > engine.delivered.get(path, 0):
