@@ -40,3 +40,25 @@ def test_marking_deferred_task_failed_cancels_the_job(api, cluster):
         timeout=120, what="job cancelled")
     assert state.startswith("CANCELLED")
     assert cluster(f"squeue -h -j {job['job_id']} -o %T 2>/dev/null || true").strip() in {"", "COMPLETING"}
+    # The trigger did it, after the real API told it the task is no longer deferred on this job
+    # (not the reap step, which would also cancel it a little later).
+    said = wait_until(lambda: any("Task instance stopped by a user action: cancelling Slurm job "
+                                  f"{job['job_id']}" in line for line in trigger_events(run_id)),
+                      timeout=60, what="the trigger's on_kill log line")
+    assert said
+
+
+def trigger_events(run_id: str) -> list[str]:
+    import json
+
+    from scripts.localstack.config import STACK
+
+    folder = STACK / "airflow" / "logs" / "dag_id=train_model" / f"run_id={run_id}" / "task_id=train"
+    events = []
+    for path in folder.glob("attempt=*.log.trigger.*.log"):
+        for raw in path.read_text().splitlines():
+            try:
+                events.append(str(json.loads(raw).get("event", "")))
+            except ValueError:
+                continue
+    return events
