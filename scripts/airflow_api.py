@@ -63,6 +63,9 @@ class AirflowAPI:
     def patch(self, path: str, body: Any) -> Any:
         return self._request("PATCH", f"/api/v2{path}", body)
 
+    def delete(self, path: str) -> Any:
+        return self._request("DELETE", f"/api/v2{path}")
+
     def wait_for_dag(self, dag_id: str, timeout: float = 120) -> dict:
         """Wait until the dag-processor has parsed ``dag_id``; unpause it; return it."""
         deadline = time.monotonic() + timeout

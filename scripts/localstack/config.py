@@ -8,6 +8,7 @@ Everything the stack writes lives under one git-ignored folder (``.stack`` by de
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import secrets
 import socket
@@ -149,6 +150,14 @@ def airflow_env() -> dict[str, str]:
     return {
         "AIRFLOW_HOME": str(STACK / "airflow"),
         "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+        # The product's dags/ (Airflow's default bundle), plus the DAGs only the e2e tests run
+        # (tests/e2e/dags: e.g. a job that prints its secrets), kept out of the product's folder.
+        "AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST": json.dumps([
+            {"name": "dags-folder", "classpath": "airflow.dag_processing.bundles.local.LocalDagBundle",
+             "kwargs": {}},
+            {"name": "e2e-dags", "classpath": "airflow.dag_processing.bundles.local.LocalDagBundle",
+             "kwargs": {"path": str(REPO / "tests" / "e2e" / "dags")}},
+        ]),
         "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
         "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",

@@ -228,7 +228,9 @@ def supervisord_conf(svcs: list[Service]) -> str:
         "[supervisorctl]", f"serverurl=unix://{run / 'supervisor.sock'}", "",
     ]
     for svc in svcs:
-        env = ",".join(f'{k}="{v}"' for k, v in svc.env.items())
+        # supervisord splits KEY="v" pairs with a non-POSIX shlex (no escapes): a value holding
+        # double quotes (a JSON setting) is single-quoted instead.
+        env = ",".join(f"{k}='{v}'" if '"' in v else f'{k}="{v}"' for k, v in svc.env.items())
         lines += [
             f"[program:{svc.name}]",
             f"command={shlex.join(svc.command)}",
