@@ -129,12 +129,17 @@ def test_trigger_on_kill_scancels_the_job(slurm_conn, stack_env):
     trigger = deferred.trigger
     job_id = trigger.job_id
 
+    async def no_longer_deferred():
+        return False
+
+    trigger._still_deferred = no_longer_deferred
+
     async def user_marks_failed():
         task = asyncio.ensure_future(first_event(trigger))
         await asyncio.to_thread(wait_state, stack_env, job_id, {"RUNNING", "PENDING"})
         # What the triggerer does on mark failed / success / clear: cancel the run() task with
-        # the user-action message, then call on_kill(). Without a task instance to ask,
-        # on_kill assumes the user acted.
+        # the user-action message, then call on_kill(), which asks the API (here: answers that
+        # the task is no longer deferred; the real API's answer is covered by tests/e2e/test_cancel).
         task.cancel("__airflow_user_action__")
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -248,7 +253,7 @@ def test_sensor_waits_for_someone_elses_job(slurm_conn, stack_env):
     assert facts["job_id"] == job_id and facts["state"] == "COMPLETED"
 
 
-def test_job_that_no_longer_exists_ends_with_an_error(slurm_conn):
+def test_job_that_no_longer_exists_ends_as_missing(slurm_conn):
     trigger = SlurmJobTrigger(job_id="987654", poll_interval=0.3, max_poll_interval=0.5, missing_grace=2)
     payload = asyncio.run(first_event(trigger, RecordingLog(), timeout=30))
-    assert payload["status"] == "error" and "987654 not found by squeue, sacct or scontrol" in payload["message"]
+    assert payload["status"] == "missing" and "987654 not found by squeue, sacct or scontrol" in payload["message"]
