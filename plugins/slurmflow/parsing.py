@@ -296,7 +296,9 @@ def parse_sacct(text: str) -> list[JobRecord]:
             raise SlurmParseError(f"unknown job state {row['State']!r} in sacct line {line!r}")
         exit_code, signal = parse_exit_code(row["ExitCode"])
         elapsed = row["ElapsedRaw"].strip()
-        reason = row["Reason"].strip()
+        # sacct's Reason is the last reason the run waited in the queue (BeginTime after a
+        # requeue, Resources, ...): a fact of a pending run, noise on one that started.
+        reason = row["Reason"].strip() if state is SlurmState.PENDING else ""
         record = JobRecord(
             job_id=f"{base}_{task}" if task is not None else base,
             base_id=base,

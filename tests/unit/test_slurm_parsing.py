@@ -174,3 +174,14 @@ def test_preempted_is_the_end_in_the_controller_and_open_in_accounting():
         "248|248|j|PREEMPTED|0:0|00:00:27|27|local1|None|2026-12-02T01:11:53|2026-12-02T01:11:53|2026-12-02T01:12:20\n"
         "248|248|j|PENDING|0:0|00:00:00|0|None assigned|BeginTime|2026-12-02T01:12:24|Unknown|Unknown\n")
     assert [(r.state.state, r.state.restarts) for r in requeued] == [(SlurmState.PENDING, 1)]
+
+
+def test_accounting_reason_is_only_kept_for_a_pending_run():
+    """sacct's Reason is why the run waited (BeginTime after a requeue): not why it ended."""
+    done, pending = (parse_sacct(
+        "242|242|j|REQUEUED|0:0|00:00:05|5|local1|None|2026-12-02T01:05:33|2026-12-02T01:05:33|2026-12-02T01:05:38\n"
+        f"242|242|j|{state}|0:0|00:00:41|41|local1|BeginTime|2026-12-02T01:05:38|{start}|{end}\n")[0]
+        for state, start, end in (("COMPLETED", "2026-12-02T01:05:50", "2026-12-02T01:06:31"),
+                                  ("PENDING", "Unknown", "Unknown")))
+    assert (done.state.state, done.state.reason, done.state.restarts) == (SlurmState.COMPLETED, "", 1)
+    assert (pending.state.state, pending.state.reason) == (SlurmState.PENDING, "BeginTime")
