@@ -169,11 +169,12 @@ class ContainerSpec:
     :param binds: host paths to mount (:class:`Bind` or ``"src[:dst][:ro]"``).
     :param env: non-secret variables for the container (they appear in the script).
     :param pass_env: names of variables already exported in the job (the sbatch template's
-        job-dir variables, its sourced secrets) to hand to the container by name: their values
-        stay out of the script and argv (docker/podman ``-e NAME``; the HPC runtimes pass the
-        job environment through anyway, enroot is told to let them win over the image's values).
+        job-dir variables, the secrets it sourced: ``slurmflow.secrets.JOB_SECRET_NAMES``) to
+        hand to the container by name: their values stay out of the script and argv
+        (docker/podman ``-e NAME``; the HPC runtimes pass the job environment through anyway,
+        enroot is told to let them win over the image's values).
     :param env_file: cluster path of a mode-600 ``KEY=VALUE`` file loaded into the container's
-        environment (secrets such as tracking-server credentials go here, never in ``env``).
+        environment, for values the job's shell does not export (never secrets in ``env``).
     :param auth_dir: cluster path of the mode-700 folder holding :func:`registry_auth_files`.
     :param workdir: working directory inside the container.
     :param cache_dir: cluster folder for converted images, shared by jobs (and nodes, if on a
