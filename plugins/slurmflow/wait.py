@@ -10,8 +10,8 @@ and the clock, and returns decisions; its drivers do the I/O:
 
 The rules, each written only here:
 
-* **Done** is a terminal state (:attr:`slurmflow.states.SlurmState.is_terminal`); ``UNKNOWN``
-  never is. A job unknown to squeue, sacct and scontrol for ``missing_grace`` seconds ends the
+* **Done** is a terminal state (:attr:`slurmflow.states.JobState.is_terminal`: a preemption
+  that Slurm requeues is not); ``UNKNOWN`` never is. A job unknown to squeue, sacct and scontrol for ``missing_grace`` seconds ends the
   wait as ``missing`` (wrong id, another cluster, purged from accounting).
 * **Cancel the rest**: with ``cancel_array_on_failure``, the first failed array task asks once
   for the remaining tasks to be cancelled.
@@ -32,7 +32,7 @@ from typing import Any, Literal, get_args
 
 from slurmflow.logs import DEFAULT_CHUNK_BYTES, LogChunk, LogRead, complete_lines, tail_lines
 from slurmflow.paths import JobPaths
-from slurmflow.states import SlurmState
+from slurmflow.states import JobState, SlurmState
 from slurmflow.status import JobSnapshot
 
 WaitStatus = Literal["success", "failed", "timeout", "missing", "error"]
@@ -180,18 +180,17 @@ class LogFollower:
 
     def plan(self, snap: JobSnapshot) -> list[tuple[str, LogRead]]:
         """``(label, read)`` pairs for this snapshot; label is ``""`` or ``"task N"``."""
-        units: list[tuple[str, int | None, SlurmState, SlurmState | None]]
+        units: list[tuple[str, int | None, JobState, JobState | None]]
         if snap.tasks:
             before = self.previous.tasks if self.previous else {}
-            units = [(f"task {t}", t, s.state, before[t].state if t in before else None)
-                     for t, s in snap.tasks.items()]
+            units = [(f"task {t}", t, s, before.get(t)) for t, s in snap.tasks.items()]
         else:
-            units = [("", None, snap.state.state, self.previous.state.state if self.previous else None)]
+            units = [("", None, snap.state, self.previous.state if self.previous else None)]
         self.previous = snap
         reads = []
         for label, task, state, was in units:
             ended_now = state.is_terminal and (was is None or not was.is_terminal)
-            if not (state.is_active or ended_now):
+            if not (state.state.is_active or ended_now):
                 continue
             path = self.paths.log(snap.job_id, task, job_name=snap.name)
             if path is not None:

@@ -145,3 +145,13 @@ def test_settings_are_validated_and_pacing_backs_off():
     assert next_interval(50, 2, 60, changed=False) == 60
     assert next_interval(50, 2, 60, changed=True) == 2
     assert next_interval(50, 2, 60, changed=False, failures=3) == 16
+
+
+def test_follower_reads_once_more_after_a_preemption_that_ended_the_job():
+    follower = LogFollower(JobPaths("/j", "/j/slurm-%j.out"))
+    follower.plan(snap("RUNNING"))
+    requeued = snap("PREEMPTED")  # Slurm will requeue it: not over, nothing to read now
+    assert follower.plan(requeued) == []
+    ended = snap("PREEMPTED", ended=True)  # PreemptMode=CANCEL: its last lines are read once
+    assert [r.path for _, r in follower.plan(ended)] == ["/j/slurm-7.out"]
+    assert follower.plan(ended) == []
