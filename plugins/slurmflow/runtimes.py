@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
 from slurmflow.images import ImageRef, parse_image_ref
+from slurmflow.sbatch import ENV_NAME_RE
 
 RUNTIMES: tuple[str, ...] = (
     "docker",
@@ -64,7 +65,6 @@ SLURM_ENV: tuple[str, ...] = (
     "SLURM_ARRAY_TASK_MAX", "SLURM_RESTART_COUNT", "SLURM_SUBMIT_DIR",
 )  # fmt: skip
 
-_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Characters that break bind syntax (``src:dst:ro``, pyxis' comma list) or the script itself.
 _BAD_PATH_CHARS = re.compile(r"[:,\n\r\0]")
 
@@ -211,7 +211,7 @@ class ContainerSpec:
         if not self.command or not all(isinstance(a, str) for a in self.command):
             raise ValueError("command must be a non-empty list of strings")
         for name in (*self.env, *self.pass_env):
-            if not _ENV_NAME_RE.match(name):
+            if not ENV_NAME_RE.match(name):
                 raise ValueError(f"invalid environment variable name {name!r}")
         for path, what in (
             (self.env_file, "env_file"),
@@ -346,7 +346,7 @@ def env_file_text(env: Mapping[str, str]) -> str:
     """
     lines = []
     for name, value in env.items():
-        if not _ENV_NAME_RE.match(name):
+        if not ENV_NAME_RE.match(name):
             raise ValueError(f"invalid environment variable name {name!r}")
         if any(c in value for c in "\n\r\0") or (len(value) > 1 and value[0] == value[-1] == "'"):
             raise ValueError(f"value of {name} cannot be carried by an env file (newline or quotes)")

@@ -25,7 +25,8 @@ from slurmflow.paths import SECRETS_FILE_NAME, JobPaths, expand_log_path  # noqa
 TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "include" / "sbatch"
 DEFAULT_TEMPLATE = "job.sh.j2"
 
-_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+#: A shell variable name: the one rule for every variable a job exports or passes on.
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 class SbatchOptionError(ValueError):
@@ -176,8 +177,8 @@ def validate_environment(env: Mapping[str, Any] | None, what: str = "environment
     """
     result: dict[str, str] = {}
     for name, value in (env or {}).items():
-        if not _ENV_NAME_RE.fullmatch(str(name)):
-            raise SbatchOptionError(f"invalid {what} variable name {name!r}: must match {_ENV_NAME_RE.pattern}")
+        if not ENV_NAME_RE.fullmatch(str(name)):
+            raise SbatchOptionError(f"invalid {what} variable name {name!r}: must match {ENV_NAME_RE.pattern}")
         text = "" if value is None else str(value)
         if "\x00" in text:
             raise SbatchOptionError(f"{what} variable {name!r} contains a NUL byte")

@@ -37,12 +37,13 @@ Not masked: logins, which Airflow does not mask either (masking ``admin`` would 
 from __future__ import annotations
 
 import base64
-import re
 import shlex
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, quote_plus, urlencode, urlsplit
+
+from slurmflow.sbatch import validate_environment
 
 MLFLOW_USERNAME = "MLFLOW_TRACKING_USERNAME"
 MLFLOW_PASSWORD = "MLFLOW_TRACKING_PASSWORD"
@@ -53,7 +54,6 @@ JOB_SECRET_NAMES: tuple[str, ...] = (MLFLOW_USERNAME, MLFLOW_PASSWORD, MONGO_URI
 #: Variables that name an identity, not a secret: staged like the others, never masked.
 _LOGINS = frozenset({MLFLOW_USERNAME})
 
-_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 @dataclass(frozen=True)
@@ -130,15 +130,7 @@ class JobSecrets:
     hidden: tuple[str, ...] = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
-        env = {}
-        for name, value in self.environment.items():
-            if not _ENV_NAME_RE.fullmatch(str(name)):
-                raise ValueError(f"invalid secret variable name {name!r}: must match {_ENV_NAME_RE.pattern}")
-            text = "" if value is None else str(value)
-            if "\x00" in text:
-                raise ValueError(f"secret variable {name!r} contains a NUL byte")
-            env[str(name)] = text
-        object.__setattr__(self, "environment", env)
+        object.__setattr__(self, "environment", validate_environment(self.environment, "secret"))
 
     def __repr__(self) -> str:
         return f"JobSecrets(names={list(self.names)}, registry={self.registry is not None})"

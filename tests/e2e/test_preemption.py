@@ -16,21 +16,13 @@ import uuid
 
 import pytest
 
+from tests.e2e.helpers import wait_until
+
 pytestmark = pytest.mark.e2e
 
 DAG = "train_model"
 EPOCHS = 5
 TRAIN_MEM_MB = 2048  # the conf's mem: the urgent job asks for half of it beyond what is free
-
-
-def wait_until(predicate, timeout: float, what: str, every: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise TimeoutError(f"{what} not reached in {timeout:.0f} s")
 
 
 def job_fields(cluster, job_id: str) -> dict[str, str]:

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -21,21 +20,11 @@ from pathlib import Path
 import pytest
 
 from scripts.localstack.__main__ import supervisor
-from scripts.localstack.config import STACK
+from tests.e2e.helpers import trigger_records, wait_until
 
 pytestmark = pytest.mark.e2e
 
 DAG = "train_model"
-
-
-def wait_until(predicate, timeout: float, what: str, every: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise TimeoutError(f"{what} not reached in {timeout:.0f} s")
 
 
 def descendants(pid: int) -> list[int]:
@@ -72,19 +61,9 @@ def wait_running(program: str, old_pid: int) -> None:
 
 def streamed_lines(run_id: str, job_id: str) -> list[str]:
     """The job's lines in the train task's trigger logs (every attempt and trigger), in order."""
-    folder = STACK / "airflow" / "logs" / f"dag_id={DAG}" / f"run_id={run_id}" / "task_id=train"
     prefix = f"[slurm {job_id}] "
-    events = []
-    for path in sorted(folder.glob("attempt=*.log.trigger.*.log")):
-        for raw in path.read_text().splitlines():
-            try:
-                record = json.loads(raw)
-            except ValueError:
-                continue
-            event = str(record.get("event", ""))
-            if event.startswith(prefix):
-                events.append((record.get("timestamp", ""), event[len(prefix):]))
-    return [line for _, line in sorted(events, key=lambda e: e[0])]
+    events = (str(r.get("event", "")) for r in trigger_records(DAG, run_id, "train"))
+    return [e[len(prefix):] for e in events if e.startswith(prefix)]
 
 
 def test_scheduler_and_triggerer_kills_lose_nothing_and_duplicate_nothing(api, cluster, stack_env):

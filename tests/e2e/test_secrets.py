@@ -25,7 +25,7 @@ from urllib.parse import quote_plus
 import pytest
 
 from scripts.airflow_api import AirflowAPIError
-from scripts.localstack.config import STACK
+from tests.e2e.helpers import trigger_logs
 
 pytestmark = pytest.mark.e2e
 
@@ -132,10 +132,9 @@ def test_logs_show_stars_where_the_job_printed_secrets(probed, api, values):
     for task in probed["states"]:
         assert leaks(api.task_log(DAG, run_id, task), values) == [], task
     # the triggerer's own file (the trigger masked the values there itself)
-    folder = STACK / "airflow" / "logs" / f"dag_id={DAG}" / f"run_id={run_id}" / "task_id=train"
-    trigger_logs = sorted(folder.glob("attempt=*.log.trigger.*.log"))
-    assert trigger_logs, f"no trigger log in {folder}"
-    text = "".join(p.read_text() for p in trigger_logs)
+    files = trigger_logs(DAG, run_id, "train")
+    assert files, "no trigger log"
+    text = "".join(p.read_text() for p in files)
     assert "probe container MONGO_URI=***" in text and leaks(text, values) == []
 
 
