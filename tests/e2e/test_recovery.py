@@ -68,7 +68,7 @@ def streamed_lines(run_id: str, job_id: str) -> list[str]:
 
 def test_scheduler_and_triggerer_kills_lose_nothing_and_duplicate_nothing(api, cluster, stack_env):
     api.wait_for_dag(DAG)
-    run_id = api.trigger(DAG, conf={"max_epochs": 12, "model_name": "e2e-recovery"})["dag_run_id"]
+    run_id = api.trigger(DAG, conf={"max_epochs": 8, "model_name": "e2e-recovery"})["dag_run_id"]
     ti_path = f"/dags/{DAG}/dagRuns/{run_id}/taskInstances/train"
 
     # 1. the scheduler dies while the train task is running (before it defers)
@@ -92,7 +92,7 @@ def test_scheduler_and_triggerer_kills_lose_nothing_and_duplicate_nothing(api, c
     supervisor().stopProcess("airflow-api-server")
     try:
         wait_running("airflow-triggerer", old)
-        time.sleep(15)  # the restarted trigger polls Slurm meanwhile
+        time.sleep(10)  # the restarted trigger polls Slurm meanwhile
         assert cluster(f"squeue -h -j {job_id} -o %T").strip() in {"RUNNING", "COMPLETING", "PENDING", ""}
     finally:
         supervisor().startProcess("airflow-api-server")
