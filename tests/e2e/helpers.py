@@ -1,11 +1,15 @@
-"""Small helpers shared by the e2e tests: waiting for a condition, reading the triggerer's logs."""
+"""Small helpers shared by the e2e tests and the chaos harness (scripts/chaos): waiting for a
+condition, killing a stack program with its descendants, reading the triggerer's logs."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from pathlib import Path
 
+from scripts.localstack.__main__ import supervisor
 from scripts.localstack.config import STACK
 
 
@@ -18,6 +22,44 @@ def wait_until(predicate, timeout: float, what: str, every: float = 0.5):
             return value
         time.sleep(every)
     raise TimeoutError(f"{what} not reached in {timeout:.0f} s")
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children, their children...), from /proc."""
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            try:
+                children = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            found += children
+            todo += children
+    return found
+
+
+def kill_pids(pids: list[int]) -> None:
+    """SIGKILL each process; one already gone is fine."""
+    for victim in pids:
+        try:
+            os.kill(victim, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def kill_tree(program: str) -> int:
+    """kill -9 a stack program and all its descendants - for the scheduler, under LocalExecutor,
+    the executor's workers and the task processes they run (what a crashed host does)."""
+    pid = supervisor().getProcessInfo(program)["pid"]
+    kill_pids([pid, *descendants(pid)])
+    return pid
+
+
+def wait_running(program: str, old_pid: int, timeout: float = 60) -> dict:
+    """Wait until supervisord runs ``program`` again under a new pid; return its process info."""
+    return wait_until(lambda: (info := supervisor().getProcessInfo(program))["statename"] == "RUNNING"
+                      and info["pid"] != old_pid and info, timeout, f"{program} restarted by supervisord")
 
 
 def trigger_logs(dag_id: str, run_id: str, task_id: str) -> list[Path]:
@@ -36,3 +78,10 @@ def trigger_records(dag_id: str, run_id: str, task_id: str) -> list[dict]:
             except ValueError:
                 continue
     return sorted(records, key=lambda r: r.get("timestamp", ""))
+
+
+def streamed_lines(dag_id: str, run_id: str, job_id: str, task_id: str = "train") -> list[str]:
+    """The job's lines in a task's trigger logs (every attempt and trigger), in order."""
+    prefix = f"[slurm {job_id}] "
+    events = (str(r.get("event", "")) for r in trigger_records(dag_id, run_id, task_id))
+    return [e[len(prefix):] for e in events if e.startswith(prefix)]

@@ -12,58 +12,16 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import time
-from pathlib import Path
 
 import pytest
 
 from scripts.localstack.__main__ import supervisor
-from tests.e2e.helpers import trigger_records, wait_until
+from tests.e2e.helpers import kill_tree, streamed_lines, wait_running, wait_until
 
 pytestmark = pytest.mark.e2e
 
 DAG = "train_model"
-
-
-def descendants(pid: int) -> list[int]:
-    found, todo = [], [pid]
-    while todo:
-        parent = todo.pop()
-        for task in Path(f"/proc/{parent}/task").glob("*"):
-            try:
-                children = [int(c) for c in (task / "children").read_text().split()]
-            except OSError:
-                continue
-            found += children
-            todo += children
-    return found
-
-
-def kill_tree(program: str) -> int:
-    """kill -9 a stack program and all its descendants - for the scheduler, under LocalExecutor,
-    the executor's workers and the task processes they run (what a crashed host does)."""
-    pid = supervisor().getProcessInfo(program)["pid"]
-    victims = [pid, *descendants(pid)]
-    for victim in victims:
-        try:
-            os.kill(victim, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    return pid
-
-
-def wait_running(program: str, old_pid: int) -> None:
-    wait_until(lambda: (info := supervisor().getProcessInfo(program))["statename"] == "RUNNING"
-               and info["pid"] != old_pid, 60, f"{program} restarted by supervisord")
-
-
-def streamed_lines(run_id: str, job_id: str) -> list[str]:
-    """The job's lines in the train task's trigger logs (every attempt and trigger), in order."""
-    prefix = f"[slurm {job_id}] "
-    events = (str(r.get("event", "")) for r in trigger_records(DAG, run_id, "train"))
-    return [e[len(prefix):] for e in events if e.startswith(prefix)]
 
 
 def test_scheduler_and_triggerer_kills_lose_nothing_and_duplicate_nothing(api, cluster, stack_env):
@@ -86,7 +44,7 @@ def test_scheduler_and_triggerer_kills_lose_nothing_and_duplicate_nothing(api, c
     job_id = job["job_id"]
 
     # 2. the triggerer dies mid-stream...
-    wait_until(lambda: len(streamed_lines(run_id, job_id)) >= 5, 180, "job lines in the task log")
+    wait_until(lambda: len(streamed_lines(DAG, run_id, job_id)) >= 5, 180, "job lines in the task log")
     old = kill_tree("airflow-triggerer")
     # 3. ...and the api-server is down while it comes back
     supervisor().stopProcess("airflow-api-server")
@@ -107,7 +65,7 @@ def test_scheduler_and_triggerer_kills_lose_nothing_and_duplicate_nothing(api, c
     log = cluster(f"cat {job['log_path']}").split("\n")
     if log and log[-1] == "":
         log.pop()
-    shown = streamed_lines(run_id, job_id)
+    shown = streamed_lines(DAG, run_id, job_id)
     assert shown == [line.rstrip("\r") for line in log], "every line of the job log exactly once, in order"
     print(f"recovery after the scheduler kill: {recovery:.1f} s; lines streamed: {len(shown)}; "
           f"train try {again['try_number']}")
