@@ -86,7 +86,8 @@ class SlurmJobTrigger(BaseTrigger):
         self.log_offsets = dict(log_offsets or {})
         self.expected_tasks = expected_tasks
         self.cancel_on_kill = cancel_on_kill
-        self._offsets_warned = False
+        self._hold_warned = False
+        self._masked = False
         self.secret_refs = SecretRefs.from_dict(secret_refs).to_dict() if secret_refs else None
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
@@ -106,12 +107,6 @@ class SlurmJobTrigger(BaseTrigger):
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         engine = WaitEngine(self.job_id, self.settings, self.paths, offsets=self.log_offsets)
-        if self.secret_refs:
-            try:  # the triggerer's own masker learns the job's secrets before any line is shown
-                await _in_thread(mask_refs, self.secret_refs)
-            except Exception as exc:
-                yield TriggerEvent(engine.gave_up(f"cannot mask the secrets of Slurm job {self.job_id}: {exc}").to_payload())
-                return
         try:
             poller = get_poller(self.slurm_conn_id)
             sub = Subscription(
@@ -192,23 +187,27 @@ class SlurmJobTrigger(BaseTrigger):
     # --- where the log stopped (survives a triggerer restart) ---------------------------------
 
     async def _resume_logs(self, engine: WaitEngine) -> Any:
-        """The log follower, starting after the last line delivered by any earlier run of this
-        trigger; ``None`` while that cannot be known (then only the job's state is followed)."""
+        """The log follower, once it is safe to show the job's lines: the triggerer's masker knows
+        the job's secrets, and the follower starts after the last line any earlier run of this
+        trigger delivered. ``None`` while either cannot be done (the API is unreachable): then
+        only the job's state is followed, and the next update tries again."""
         ti = self.task_instance
-        if ti is not None:
-            try:
-                stored = await _in_thread(_get_xcom, ti, XCOM_LOG_OFFSETS)
-            except Exception as exc:
-                if not self._offsets_warned:
-                    self.log.warning("Log offsets of Slurm job %s unknown (%s): not streaming its log until "
-                                     "they can be read, so that no line shows twice", self.job_id, exc)
-                    self._offsets_warned = True
-                return None
-            for path, offset in (stored or {}).items():
-                if int(offset) > engine.delivered.get(path, 0):
-                    engine.delivered[path] = int(offset)
-            if stored:
-                self.log.info("Slurm job %s: resuming its log after the lines already shown", self.job_id)
+        try:
+            if self.secret_refs and not self._masked:
+                await _in_thread(mask_refs, self.secret_refs)
+                self._masked = True
+            stored = await _in_thread(_get_xcom, ti, XCOM_LOG_OFFSETS) if ti is not None else None
+        except Exception as exc:
+            if not self._hold_warned:
+                self.log.warning("Not streaming the log of Slurm job %s until its secrets are masked and the "
+                                 "lines already shown are known (%s)", self.job_id, exc)
+                self._hold_warned = True
+            return None
+        for path, offset in (stored or {}).items():
+            if int(offset) > engine.delivered.get(path, 0):
+                engine.delivered[path] = int(offset)
+        if stored:
+            self.log.info("Slurm job %s: resuming its log after the lines already shown", self.job_id)
         return engine.follower()
 
     async def _save_offsets(self, delivered: dict[str, int], saved: dict[str, int]) -> dict[str, int]:
