@@ -1,4 +1,4 @@
-"""e2e_secrets: a training job that prints every secret it holds (tests/e2e/test_secrets.py).
+"""e2e_secrets: a training job that prints every secret it holds (tests/e2e/test_secret_leaks.py).
 
 Only the local stack loads it (its ``e2e-dags`` bundle); the product's dags/ never has it. The
 steps are the real pipeline's (image, train, register, catalog) under the docker runtime; the
