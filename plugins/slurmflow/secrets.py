@@ -26,8 +26,8 @@ registry login / password   ``registry_default``        ``auth_dir`` files (600)
 ==========================  ==========================  =========================  ==================
 
 The triggerer is another process with its own masker, and trigger kwargs are stored in the
-database: a trigger carries the :class:`SecretRefs` only and calls :func:`mask_refs` at the start
-of its ``run`` (through ``asgiref.sync.sync_to_async``: it reads connections).
+database: a trigger carries the :class:`SecretRefs` only and calls :func:`mask_refs` (through
+``asgiref.sync.sync_to_async``: it reads connections) before it streams the job's first line.
 
 Masked: passwords, tokens, URIs carrying a password (also the password's URL-quoted forms).
 Not masked: logins, which Airflow does not mask either (masking ``admin`` would blank every word
