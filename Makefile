@@ -7,8 +7,9 @@ UV := $(VENV)/bin/uv
 FIND_LINKS := $(shell pip config get global.find-links 2>/dev/null || echo /opt/wheels)
 STACK := $(PY) -m scripts.localstack
 PYTEST_ARGS ?=
+CHAOS_ARGS ?=
 
-.PHONY: help deps venv up down status wheelhouse demo test test-unit lint bench clean
+.PHONY: help deps venv up down status wheelhouse demo test test-unit lint bench chaos clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -51,6 +52,10 @@ lint: venv
 
 bench: up  ## benchmarks: print figures, write bench/results/*.json
 	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+# Not part of `make test` (CI stays under 40 min): a full run is 120 trials of a minute or more.
+chaos: up  ## fault injection on real runs, docs/RELIABILITY.md (CHAOS_ARGS=--smoke: one trial each)
+	$(PY) -m scripts.chaos $(CHAOS_ARGS)
 
 clean: down  ## remove the stack's state (data, keys, images) and the venv
 	rm -rf .stack $(VENV)

@@ -1,0 +1,226 @@
+"""The pure parts of the chaos harness (scripts/chaos): the fault table, phase detection, when a
+run counts as recovered, the line and secret checks, and the figures rendered into
+docs/RELIABILITY.md. The harness itself runs against the real stack (``make chaos``)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from scripts.chaos.__main__ import broken, parse_args
+from scripts.chaos.observe import find_secrets, key_jobs, line_diff, secret_values
+from scripts.chaos.phases import Sample, detect_phase, in_phase, progressed, recovery_s
+from scripts.chaos.report import BEGIN, END, render_generated, render_table, summarise, update_doc
+from scripts.chaos.table import FAULTS, NOT_COVERED, PHASES, TrialSpec, plan, select_faults
+from scripts.localstack.services import services
+
+# --- the fault table -------------------------------------------------------------------------------
+
+
+def test_every_fault_names_real_phases_and_real_programs():
+    programs = {s.name for s in services()}
+    for fault in FAULTS.values():
+        assert fault.phases and set(fault.phases) <= set(PHASES), fault.name
+        assert fault.promise.strip(), fault.name
+        if fault.kind in {"kill_tree", "outage"}:
+            assert fault.target in programs, f"{fault.name}: no supervisord program {fault.target!r}"
+        if fault.kind == "outage":
+            low, high = fault.outage
+            assert 0 < low <= high
+        else:
+            assert fault.outage is None
+
+
+def test_the_issues_first_slice_is_in_the_table():
+    pairs = {(f.name, p) for f in FAULTS.values() for p in f.phases}
+    for component in ("triggerer", "scheduler", "dag-processor", "api-server"):
+        assert {(f"kill-{component}", "submit"), (f"kill-{component}", "deferred")} <= pairs
+    assert {("kill-task", "submit"), ("stop-sshd", "deferred"), ("stop-mlflow", "register"),
+            ("stop-mongo", "catalog")} <= pairs
+    assert FAULTS["stop-sshd"].outage == (15.0, 60.0)
+    assert FAULTS["stop-mlflow"].outage == FAULTS["stop-mongo"].outage == (30.0, 30.0)
+    assert FAULTS["kill-task"].anchor == "sbatch"
+    assert any("slurmdbd" in item for item in NOT_COVERED)
+
+
+def test_plan_interleaves_rounds_so_a_cut_short_run_covers_every_pair():
+    specs = plan(select_faults(["kill-triggerer", "stop-sshd"]), trials=3)
+    assert [(s.fault.name, s.phase.name, s.index) for s in specs[:3]] == [
+        ("kill-triggerer", "submit", 0), ("kill-triggerer", "deferred", 0), ("stop-sshd", "deferred", 0)]
+    assert len(specs) == 9 and specs[-1].index == 2
+
+
+def test_smoke_is_one_trial_of_each_pair():
+    args = parse_args(["--smoke"])
+    assert args.trials == 1 and args.orphan_wait == 60
+    assert len(plan(select_faults([]), args.trials)) == sum(len(f.phases) for f in FAULTS.values()) == 12
+    assert parse_args([]).orphan_wait == 300 and parse_args([]).trials == 10
+
+
+def test_unknown_fault_or_phase_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="unknown fault.*kill-scheduler"):
+        select_faults(["kill-everything"])
+    with pytest.raises(ValueError, match="unknown phase.*deferred"):
+        plan(select_faults([]), 1, ["job_end"])
+    assert {s.phase.name for s in plan(select_faults([]), 1, ["deferred"])} == {"deferred"}
+
+
+def test_delays_are_drawn_inside_the_window():
+    rng = random.Random(1)
+    submit = TrialSpec(FAULTS["kill-scheduler"], PHASES["submit"], 0)
+    at_sbatch = TrialSpec(FAULTS["kill-task"], PHASES["submit"], 0)
+    sshd = TrialSpec(FAULTS["stop-sshd"], PHASES["deferred"], 0)
+    for _ in range(200):
+        assert 0.0 <= submit.delay(rng) <= 2.0
+        assert 0.0 <= at_sbatch.delay(rng) <= 0.3
+        assert 15.0 <= sshd.outage(rng) <= 60.0
+    assert submit.outage(rng) is None
+
+
+# --- phases and recovery ---------------------------------------------------------------------------
+
+RUNNING_TRAIN = {"build_image": ("success", 1), "train": ("running", 1), "register": (None, 0)}
+
+
+@pytest.mark.parametrize(("tasks", "run_state", "phase"), [
+    ({"build_image": ("running", 1), "train": (None, 0)}, "running", "before"),
+    (RUNNING_TRAIN, "running", "submit"),
+    ({"train": ("deferred", 1)}, "running", "deferred"),
+    ({"train": ("success", 1), "register": ("running", 1), "reap": ("running", 1)}, "running", "register"),
+    # catalog is scheduled while register finishes: the later phase wins
+    ({"register": ("running", 1), "catalog": ("scheduled", 1)}, "running", "catalog"),
+    ({"train": ("up_for_retry", 1)}, "running", "before"),
+    (None, None, "unknown"),
+    ({"catalog": ("success", 1)}, "success", "done"),
+])
+def test_detect_phase(tasks, run_state, phase):
+    assert detect_phase(tasks, run_state) == phase
+
+
+def test_in_phase_needs_the_phase_task_in_one_of_its_states():
+    assert in_phase(PHASES["submit"], RUNNING_TRAIN)
+    assert not in_phase(PHASES["deferred"], RUNNING_TRAIN)
+    assert not in_phase(PHASES["catalog"], None)
+
+
+def s(t, run="running", records=0, **tasks):
+    return Sample(t=t, tasks=tasks or None, trigger_records=records, run_state=run)
+
+
+def test_recovery_after_a_scheduler_kill_waits_for_the_next_try_to_run():
+    # the task is a zombie ("running", try 1) until the heartbeat timeout fails it; up_for_retry
+    # and queued are not progress; running on try 2 is
+    samples = [s(0, train=("running", 1)), s(1, train=("running", 1)), s(3, train=("running", 1)),
+               s(35, train=("up_for_retry", 1)), s(66, train=("queued", 2)), s(67, train=("running", 2))]
+    assert recovery_s(samples, injected_at=0.5, fault_over_at=3) == 66.5
+
+
+def test_recovery_counts_only_progress_after_the_fault_is_over():
+    # trigger records grow while the scheduler is down (the trigger does not need it)
+    samples = [s(0, records=3, train=("deferred", 1)), s(1, records=5, train=("deferred", 1)),
+               s(4, records=5, train=("deferred", 1)), s(5, records=6, train=("deferred", 1))]
+    assert recovery_s(samples, injected_at=0, fault_over_at=3) == 5
+
+
+def test_recovery_bridges_the_gap_while_the_api_server_is_down():
+    samples = [s(0, train=("deferred", 1)), Sample(t=2, tasks=None, run_state=None),
+               Sample(t=9, tasks=None, run_state=None), s(12, train=("success", 1), register=("running", 1))]
+    assert recovery_s(samples, injected_at=1, fault_over_at=10) == 11
+
+
+def test_no_progress_means_no_recovery():
+    samples = [s(0, train=("running", 1)), s(5, train=("failed", 1))]
+    assert recovery_s(samples, 0, 1) is None
+    assert not progressed(samples[0], samples[1])
+    assert progressed(samples[1], s(6, run="failed", train=("failed", 1)))  # the run ended
+
+
+# --- lines, jobs, secrets --------------------------------------------------------------------------
+
+
+def test_line_diff_exact_duplicated_and_missing():
+    log = ["a", "b\r", "c"]
+    assert line_diff(["a", "b", "c"], log) == {"streamed": 3, "job_log": 3, "exact": True,
+                                               "duplicated": 0, "missing": 0}
+    twice = line_diff(["a", "b", "b", "c"], log)
+    assert twice["duplicated"] == 1 and twice["missing"] == 0 and not twice["exact"]
+    held_back = line_diff(["a"], log)
+    assert held_back["missing"] == 2 and held_back["duplicated"] == 0
+
+
+def test_key_jobs_filters_by_digest_any_generation_newest_line_wins():
+    lines = ["101|train.abcdef012345.g0|PREEMPTED", "101|train.abcdef012345.g0|COMPLETED",
+             "102|train.ffffffffffff.g0|RUNNING", "103_2|train.abcdef012345.g1|CANCELLED by 0", "junk"]
+    assert key_jobs(lines, "abcdef012345") == {
+        "101": {"name": "train.abcdef012345.g0", "state": "COMPLETED"},
+        "103": {"name": "train.abcdef012345.g1", "state": "CANCELLED"}}
+
+
+def test_secrets_are_reported_by_name_never_by_value():
+    secrets = {"MLFLOW_TRACKING_PASSWORD": "hunter2-long", "REGISTRY_PASSWORD": "s3cr3t-value"}
+    texts = {"train/attempt=1.log": "login ok, password=hunter2-long", "register/attempt=1.log": "***"}
+    found = find_secrets(texts, secrets)
+    assert found == [{"secret": "MLFLOW_TRACKING_PASSWORD", "where": "train/attempt=1.log"}]
+    assert "hunter2" not in repr(found)
+
+
+def test_secret_values_are_the_generated_ones_and_the_passwords(tmp_path):
+    secrets_file = tmp_path / "secrets.env"
+    secrets_file.write_text("PG_AIRFLOW_PASSWORD=generated-value\nSHORT=abc\n")
+    values = secret_values({"AIRFLOW_PASSWORD": "admin", "MLFLOW_TRACKING_PASSWORD": "long-enough",
+                            "SSH_PORT": "2222"}, secrets_file)
+    assert sorted(values) == ["MLFLOW_TRACKING_PASSWORD", "PG_AIRFLOW_PASSWORD"]  # the masker skips "abc"
+
+
+# --- figures and the document ----------------------------------------------------------------------
+
+
+def trial(fault="kill-triggerer", phase="deferred", **kw):
+    base = {"fault": fault, "phase": phase, "run_id": "r", "outcome": "success", "duplicates": 0,
+            "orphans": [], "lost": False, "lines": {"duplicated": 0, "missing": 0}, "secrets_found": [],
+            "phase_hit": True, "recovery_s": 10.0, "started_at": "2026-12-02T02:40:00+00:00"}
+    return {**base, **kw}
+
+
+def test_summarise_counts_and_recovery_percentiles():
+    trials = [trial(recovery_s=4.0), trial(recovery_s=10.0), trial(recovery_s=30.0, duplicates=1, orphans=None),
+              trial(outcome="lost", lost=True, recovery_s=None, lines={"duplicated": 2}),
+              trial("stop-sshd", secrets_found=[{"secret": "X", "where": "log"}]),
+              trial("kill-scheduler", "submit")]
+    rows = summarise(trials)
+    assert [(r.fault, r.phase) for r in rows] == [("kill-scheduler", "submit"), ("kill-triggerer", "deferred"),
+                                                  ("stop-sshd", "deferred")]
+    row = rows[1]
+    assert (row.trials, row.successes, row.duplicates, row.lost, row.duplicated_lines) == (4, 3, 1, 1, 2)
+    assert (row.orphans, row.orphans_unchecked) == (0, 1)
+    assert (row.p50, row.max) == (10.0, 30.0)
+    assert rows[2].secrets == 1
+    table = render_table(rows)
+    assert "| kill-triggerer | deferred | 4 | 3 | 1 | 0 (1 unchecked) | 1 | 2 | 0 | 4 | 10 / 30 |" in table
+    assert table.splitlines()[0].startswith("| fault | phase | trials | successes | duplicate jobs | orphans | lost")
+
+
+def test_a_pair_without_recovery_figures_shows_a_dash():
+    (row,) = summarise([trial(recovery_s=None)])
+    assert render_table([row]).endswith("| - / - |")
+
+
+def test_the_document_keeps_its_hand_written_parts():
+    generated = render_generated({"trials": [trial()]})
+    assert generated.startswith(BEGIN) and generated.endswith(END)
+    assert "1 trials, 2026-12-02T02:40:00+00:00" in generated
+    assert "### Not covered yet" in generated and NOT_COVERED[0] in generated
+    assert all(f"**{name}**" in generated for name in FAULTS)
+    doc = f"# Reliability\n\nintro\n\n{BEGIN}\nold table\n{END}\n\n## Defects found\n\nnone\n"
+    new = update_doc(doc, generated)
+    assert "old table" not in new and "intro" in new and new.endswith("## Defects found\n\nnone\n")
+    assert update_doc("# Reliability\n", generated) == f"# Reliability\n\n{generated}\n"
+
+
+def test_broken_lists_every_promise_a_trial_broke():
+    assert broken(trial()) == []
+    bad = trial(outcome="failed", duplicates=1, orphans=[{"job_id": "7"}], lines={"duplicated": 1, "missing": 0},
+                secrets_found=[{"secret": "X", "where": "train/attempt=1.log"}])
+    assert broken(bad) == ["run failed", "1 duplicate job(s)", "1 orphan(s)", "1 duplicated line(s)",
+                           "secret(s) in train/attempt=1.log"]
