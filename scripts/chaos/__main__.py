@@ -23,6 +23,7 @@ import json
 import random
 import sys
 import time
+import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -144,13 +145,18 @@ def main(argv: list[str] | None = None) -> int:
                 break
             for t in trials:
                 check_orphans(t, args.orphan_wait)
-            record = Trial(api, spec, rng, secrets, run_timeout=args.run_timeout).run()
+            trial = Trial(api, spec, rng, secrets, run_timeout=args.run_timeout)
+            try:
+                record = trial.run()
+            except Exception as exc:  # a harness bug or a stack that broke: keep going, say so
+                record = {**trial.record, "outcome": "harness-error", "error": traceback.format_exc(limit=5)}
+                print(f"harness error in {spec.fault.name} @ {spec.phase.name}: {exc!r}", file=sys.stderr)
             trials.append(record)
             save(args.results, results)
             problems = broken(record)
             print(f"[{n}/{len(specs)}] {spec.fault.name} @ {spec.phase.name}: {record['outcome']} in "
-                  f"{record['run_s']} s, landed in {record.get('phase_at_injection')}, recovery "
-                  f"{record.get('recovery_s')} s, jobs {[j['job_id'] for j in record['slurm_jobs']]}"
+                  f"{record.get('run_s')} s, landed in {record.get('phase_at_injection')}, recovery "
+                  f"{record.get('recovery_s')} s, jobs {[j['job_id'] for j in record.get('slurm_jobs') or []]}"
                   + (f"  BROKEN: {'; '.join(problems)}" if problems else ""), flush=True)
     except KeyboardInterrupt:
         print("interrupted: saving what was measured", file=sys.stderr)

@@ -13,6 +13,7 @@ from typing import Any
 
 from scripts.chaos.table import FAULTS, NOT_COVERED, PHASES
 
+HARNESS_ERROR = "harness-error"
 BEGIN = "<!-- chaos:generated:begin (python -m scripts.chaos --render; do not edit by hand) -->"
 END = "<!-- chaos:generated:end -->"
 
@@ -51,9 +52,12 @@ def _order(pair: tuple[str, str]) -> tuple[int, int, str, str]:
 
 
 def summarise(trials: Iterable[Mapping[str, Any]]) -> list[Row]:
-    """One :class:`Row` per (fault, phase) that has trials, in the fault table's order."""
+    """One :class:`Row` per (fault, phase) that has trials, in the fault table's order.
+    Trials the harness itself failed (``harness-error``) measured nothing and are left out."""
     groups: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
     for t in trials:
+        if t.get("outcome") == HARNESS_ERROR:
+            continue
         groups.setdefault((t["fault"], t["phase"]), []).append(t)
     rows = []
     for (fault, phase), ts in sorted(groups.items(), key=lambda kv: _order(kv[0])):
@@ -91,11 +95,14 @@ def render_table(rows: Sequence[Row]) -> str:
 
 def render_generated(results: Mapping[str, Any]) -> str:
     """The generated part of docs/RELIABILITY.md: the table, the promises, what is not covered."""
-    trials = results.get("trials", [])
+    trials = [t for t in results.get("trials", []) if t.get("outcome") != HARNESS_ERROR]
+    errors = len(results.get("trials", [])) - len(trials)
     rows = summarise(trials)
     when = sorted(t["started_at"] for t in trials if t.get("started_at"))
-    span = f"{when[0]} to {when[-1]}" if when else "no trials yet"
-    lines = [BEGIN, "", f"{len(trials)} trials, {span} (`bench/results/chaos.json`).", "", render_table(rows), "",
+    span = f"{when[0]} to {when[-1]}" if when else "none run yet"
+    left_out = f"; {errors} trial(s) the harness itself failed are left out" if errors else ""
+    lines = [BEGIN, "", f"{len(trials)} trials, {span} (`bench/results/chaos.json`{left_out}).", "",
+             render_table(rows), "",
              "### Promises", "",
              "What a user can rely on for each fault; the table above is the evidence.", ""]
     for fault in FAULTS.values():

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime as dt
 import random
+import subprocess
 import time
 from typing import Any
 
@@ -46,6 +47,8 @@ class Trial:
         self.run_timeout, self.phase_timeout = run_timeout, phase_timeout
         self.t0 = time.monotonic()
         self.samples: list[Sample] = []
+        #: what has been recorded so far (kept when the harness itself fails mid-trial)
+        self.record: dict[str, Any] = {"fault": spec.fault.name, "phase": spec.phase.name, "trial": spec.index}
 
     def clock(self) -> float:
         return time.monotonic() - self.t0
@@ -61,15 +64,9 @@ class Trial:
         started = time.time()
         run_id = self.api.trigger(DAG, conf=conf)["dag_run_id"]
         key = JobKey(DAG, run_id, "train")
-        record: dict[str, Any] = {
-            "fault": spec.fault.name, "phase": spec.phase.name, "trial": spec.index, "run_id": run_id,
-            "conf": conf, "started_at": _now(), "training_key": key.digest,
-        }
-        try:
-            injection = self._inject(run_id, key, record)
-        except BaseException:
-            record["outcome"] = "harness-error"
-            raise
+        record = self.record
+        record.update(run_id=run_id, conf=conf, started_at=_now(), training_key=key.digest)
+        injection = self._inject(run_id, key, record)
         try:
             end = self._follow(run_id)
         finally:
@@ -135,8 +132,11 @@ class Trial:
         """The trial clock when the key's job first shows in squeue, while ``task_id`` still runs."""
         last_look = 0.0
         while True:
-            if observe.live_jobs_of_key(key.digest):
-                return self.clock()
+            try:
+                if observe.live_jobs_of_key(key.digest):
+                    return self.clock()
+            except (OSError, subprocess.SubprocessError):
+                pass  # the controller is busy: ask again
             if self.clock() - last_look > 1.0:  # the API is slower than squeue: ask it less often
                 last_look = self.clock()
                 s = self.look(run_id)
@@ -168,8 +168,7 @@ class Trial:
         record["tasks"] = {task: {"state": state, "tries": tries} for task, (state, tries) in final.items()}
         job = answer(self.api.xcom, DAG, run_id, "train", key=XCOM_JOB_KEY)
         record["slurm_job"] = {k: job.get(k) for k in ("job_id", "job_name", "log_path", "job_dir")} if job else None
-        time.sleep(2)  # slurmdbd records a job's end a moment after the controller
-        jobs = observe.jobs_of_key(key.digest, started - 60)
+        jobs = self._jobs(key, started)
         record["slurm_jobs"] = [{"job_id": j, **v} for j, v in sorted(jobs.items())]
         record["duplicates"] = max(0, len(jobs) - 1)
         record["orphans"] = None
@@ -177,6 +176,18 @@ class Trial:
         found = observe.find_secrets(observe.run_log_texts(run_id, job), self.secrets)
         record["secrets_found"] = found
         record["samples"] = len(self.samples)
+
+
+    @staticmethod
+    def _jobs(key: JobKey, started: float) -> dict[str, dict[str, str]]:
+        last: Exception | None = None
+        for wait in (2, 5, 10):  # slurmdbd records a job's end a moment after the controller
+            time.sleep(wait)
+            try:
+                return observe.jobs_of_key(key.digest, started - 60)
+            except (OSError, subprocess.SubprocessError) as exc:
+                last = exc
+        raise RuntimeError(f"Slurm did not answer for key {key.digest}: {last}")
 
 
 def check_orphans(record: dict[str, Any], orphan_wait: float) -> bool:

@@ -224,3 +224,10 @@ def test_broken_lists_every_promise_a_trial_broke():
                 secrets_found=[{"secret": "X", "where": "train/attempt=1.log"}])
     assert broken(bad) == ["run failed", "1 duplicate job(s)", "1 orphan(s)", "1 duplicated line(s)",
                            "secret(s) in train/attempt=1.log"]
+
+
+def test_trials_the_harness_failed_are_left_out_of_the_figures():
+    results = {"trials": [trial(), {**trial(), "outcome": "harness-error", "error": "Traceback..."}]}
+    (row,) = summarise(results["trials"])
+    assert row.trials == 1
+    assert "1 trial(s) the harness itself failed are left out" in render_generated(results)
