@@ -61,7 +61,7 @@ class Fault:
     promise: str
     outage: tuple[float, float] | None = None
     anchor: Literal["phase", "sbatch"] = "phase"
-    anchor_delay: tuple[float, float] = (0.0, 0.3)
+    anchor_delay: tuple[float, float] = (0.0, 0.15)
 
 
 PHASES: dict[str, Phase] = {p.name: p for p in (

@@ -126,7 +126,10 @@ class Trial:
             # the killed process cannot write any more: what is in XCom now was written before
             record["xcom_written_before_kill"] = answer(self.api.xcom, DAG, run_id, phase.task_id,
                                                         key=XCOM_JOB_KEY) is not None
-        return injection if hit else None
+        if not hit:
+            record["fault_detail"] = injection.detail
+            return None
+        return injection
 
     def _wait_job_visible(self, run_id: str, key: JobKey, task_id: str) -> float | None:
         """The trial clock when the key's job first shows in squeue, while ``task_id`` still runs."""

@@ -73,7 +73,7 @@ def test_delays_are_drawn_inside_the_window():
     sshd = TrialSpec(FAULTS["stop-sshd"], PHASES["deferred"], 0)
     for _ in range(200):
         assert 0.0 <= submit.delay(rng) <= 2.0
-        assert 0.0 <= at_sbatch.delay(rng) <= 0.3
+        assert 0.0 <= at_sbatch.delay(rng) <= 0.15
         assert 15.0 <= sshd.outage(rng) <= 60.0
     assert submit.outage(rng) is None
 
