@@ -231,3 +231,24 @@ def test_trials_the_harness_failed_are_left_out_of_the_figures():
     (row,) = summarise(results["trials"])
     assert row.trials == 1
     assert "1 trial(s) the harness itself failed are left out" in render_generated(results)
+
+
+def test_task_process_is_found_by_the_title_airflows_task_runner_sets():
+    import subprocess
+    import sys
+    import time
+
+    from scripts.chaos.inject import task_process
+
+    ti_id = "01a2348a-d21e-7b85-94aa-000000000000"
+    child = subprocess.Popen([sys.executable, "-c", "import setproctitle, time; "
+                              f"setproctitle.setproctitle('airflow worker -- {ti_id}'); time.sleep(30)"])
+    try:
+        deadline = time.monotonic() + 10
+        while task_process(ti_id) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert task_process(ti_id) == child.pid
+        assert task_process(ti_id[:-1] + "1") is None
+    finally:
+        child.kill()
+        child.wait()
