@@ -12,6 +12,10 @@ from pathlib import Path
 from scripts.localstack.__main__ import supervisor
 from scripts.localstack.config import STACK
 
+#: How long a run may take to reach its train task on a fresh stack: the first run builds the
+#: training image (about 6 minutes on a 2-core machine).
+FIRST_RUN_TIMEOUT = 900
+
 
 def wait_until(predicate, timeout: float, what: str, every: float = 0.5):
     """Poll ``predicate`` until it returns something truthy (returned); ``TimeoutError`` names ``what``."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.e2e.helpers import trigger_records, wait_until
+from tests.e2e.helpers import FIRST_RUN_TIMEOUT, trigger_records, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -21,7 +21,12 @@ def test_marking_deferred_task_failed_cancels_the_job(api, cluster):
             return None
         return api.xcom("train_model", run_id, "train", key="slurm_job")
 
-    job = wait_until(deferred_job, 300, "train task deferred with a Slurm job")
+    try:
+        # 900 s: the first e2e test on a fresh stack also builds the training image
+        job = wait_until(deferred_job, FIRST_RUN_TIMEOUT, "train task deferred with a Slurm job")
+    except BaseException:
+        api.patch(f"/dags/train_model/dagRuns/{run_id}", {"state": "failed"})  # no 200-epoch leftover
+        raise
     wait_until(lambda: cluster(f"squeue -h -j {job['job_id']} -o %T").strip() == "RUNNING", timeout=120,
                what="job running")
     api.patch(f"/dags/train_model/dagRuns/{run_id}/taskInstances/train", {"new_state": "failed"})

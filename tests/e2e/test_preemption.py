@@ -16,7 +16,7 @@ import uuid
 
 import pytest
 
-from tests.e2e.helpers import wait_until
+from tests.e2e.helpers import FIRST_RUN_TIMEOUT, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -65,7 +65,7 @@ def test_training_preempted_twice_is_one_job_and_one_successful_try(api, cluster
                                     "batch_size": 32, "model_name": model})["dag_run_id"]
     job = wait_until(lambda: api.xcom(DAG, run_id, "train", key="slurm_job") if api.get(
         f"/dags/{DAG}/dagRuns/{run_id}/taskInstances/train")["state"] == "deferred" else None,
-        300, "train task deferred on its Slurm job", every=1)
+        FIRST_RUN_TIMEOUT, "train task deferred on its Slurm job", every=1)
     job_id, job_dir = str(job["job_id"]), job["job_dir"]
 
     # 1st preemption once an epoch is done (last.ckpt exists), 2nd soon after the first resume

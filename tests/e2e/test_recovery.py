@@ -17,7 +17,7 @@ import time
 import pytest
 
 from scripts.localstack.__main__ import supervisor
-from tests.e2e.helpers import kill_tree, streamed_lines, wait_running, wait_until
+from tests.e2e.helpers import FIRST_RUN_TIMEOUT, kill_tree, streamed_lines, wait_running, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -30,7 +30,7 @@ def test_scheduler_and_triggerer_kills_lose_nothing_and_duplicate_nothing(api, c
     ti_path = f"/dags/{DAG}/dagRuns/{run_id}/taskInstances/train"
 
     # 1. the scheduler dies while the train task is running (before it defers)
-    wait_until(lambda: api.get(ti_path)["state"] == "running", 300, "train task running", every=0.2)
+    wait_until(lambda: api.get(ti_path)["state"] == "running", FIRST_RUN_TIMEOUT, "train task running", every=0.2)
     killed_at = time.monotonic()
     old = kill_tree("airflow-scheduler")
     wait_running("airflow-scheduler", old)
