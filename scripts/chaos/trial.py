@@ -47,6 +47,7 @@ class Trial:
         self.run_timeout, self.phase_timeout = run_timeout, phase_timeout
         self.t0 = time.monotonic()
         self.samples: list[Sample] = []
+        self.injection: Injection | None = None
         #: what has been recorded so far (kept when the harness itself fails mid-trial)
         self.record: dict[str, Any] = {"fault": spec.fault.name, "phase": spec.phase.name, "trial": spec.index}
 
@@ -66,12 +67,12 @@ class Trial:
         key = JobKey(DAG, run_id, "train")
         record = self.record
         record.update(run_id=run_id, conf=conf, started_at=_now(), training_key=key.digest)
-        injection = self._inject(run_id, key, record)
         try:
+            injection = self._inject(run_id, key, record)
             end = self._follow(run_id)
         finally:
-            if injection is not None:
-                injection.restore()
+            if self.injection is not None:  # a stopped program is started again, whatever happened
+                self.injection.restore()
         if injection is not None:
             injection.wait_over()
             record["fault_detail"] = injection.detail
@@ -109,7 +110,7 @@ class Trial:
         delay = spec.delay(self.rng)
         time.sleep(max(0.0, anchor + delay - self.clock()))
         record["delay_s"] = round(delay, 2)
-        injection = Injection(spec, self.clock, spec.outage(self.rng))
+        injection = self.injection = Injection(spec, self.clock, spec.outage(self.rng))
         if spec.fault.kind == "kill_task":
             # no look first (it takes longer than the window); a process running the phase's
             # task instance is the proof that the task was in the phase
