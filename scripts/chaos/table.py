@@ -84,9 +84,9 @@ _KILL_PHASES = ("submit", "deferred")
 FAULTS: dict[str, Fault] = {f.name: f for f in (
     Fault("kill-scheduler", "kill_tree", "airflow-scheduler", _KILL_PHASES,
           "Under LocalExecutor the task processes die with the scheduler. A task that was submitting "
-          "is failed after the heartbeat timeout and retried; the retry finds the job by its name and "
-          "re-attaches: one Slurm job, the run succeeds. A deferred task is not affected: the trigger "
-          "keeps running in the triggerer."),
+          "is reset by the restarted scheduler's orphan check and retried; the retry finds the job by "
+          "its name and re-attaches: one Slurm job, the run succeeds. A deferred task is not "
+          "affected: the trigger keeps running in the triggerer."),
     Fault("kill-triggerer", "kill_tree", "airflow-triggerer", _KILL_PHASES,
           "The restarted triggerer picks the trigger up again and continues the log at the last byte "
           "it recorded: every job line once, the job never cancelled, the run succeeds."),
