@@ -79,6 +79,8 @@ def broken(record: dict) -> list[str]:
         found.append(f"run {record.get('outcome')}")
     if record.get("duplicates"):
         found.append(f"{record['duplicates']} duplicate job(s)")
+    if record.get("duplicate_registrations"):
+        found.append(f"{record['duplicate_registrations']} duplicate registration(s)")
     if record.get("orphans"):
         found.append(f"{len(record['orphans'])} orphan(s)")
     if (record.get("lines") or {}).get("duplicated"):

@@ -10,12 +10,13 @@ unit-tested.
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import subprocess
 import time
 import urllib.error
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from scripts.airflow_api import AirflowAPI, AirflowAPIError
 from scripts.chaos.phases import Sample
 from scripts.localstack.config import STACK
 from scripts.localstack.services import SLURM_ENV, services
+from tests.conftest import read_stack_env
 from tests.e2e.helpers import streamed_lines, trigger_records
 
 DAG = "train_model"
@@ -53,34 +55,113 @@ def slurm(*args: str, timeout: float = 30) -> str:
                           env={**os.environ, **SLURM_ENV}).stdout
 
 
-def key_jobs(lines: Iterable[str], digest: str) -> dict[str, dict[str, str]]:
-    """``{job_id: {"name", "state"}}`` for the ``JobID|JobName|State`` lines whose name carries
-    the training key's ``digest`` (any generation: ``<task>.<digest>.g<gen>``). The newest line of
-    a job wins (sacct prints a requeued job once per run)."""
-    jobs: dict[str, dict[str, str]] = {}
+def key_jobs(lines: Iterable[str], digest: str) -> dict[str, dict[str, Any]]:
+    """``{job_id: {"name", "generation", "state", "submit", "end"}}`` for the
+    ``JobID|JobName|State|Submit|End`` lines whose name carries the training key's ``digest``
+    (any generation: ``<task>.<digest>.g<gen>``). ``submit``/``end`` are Slurm's ISO times,
+    ``None`` when unknown or not yet (``Unknown``, ``N/A``). The newest line of a job wins
+    (sacct prints a requeued job once per run)."""
+    jobs: dict[str, dict[str, Any]] = {}
     for line in lines:
         parts = line.strip().split("|")
         if len(parts) < 3 or f".{digest}.g" not in parts[1]:
             continue
         job_id = parts[0].split("_")[0].split(".")[0]
-        jobs[job_id] = {"name": parts[1], "state": parts[2].split()[0] if parts[2] else ""}
+        times = [t if t and t[0].isdigit() else None for t in (parts[3:5] + [None, None])[:2]]
+        jobs[job_id] = {"name": parts[1], "generation": int(parts[1].rsplit(".g", 1)[1] or 0),
+                        "state": parts[2].split()[0] if parts[2] else "", "submit": times[0], "end": times[1]}
     return jobs
 
 
-def jobs_of_key(digest: str, since: float) -> dict[str, dict[str, str]]:
+def duplicate_jobs(jobs: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The jobs that should not exist: submitted while an earlier job of the same key was still
+    live (no end yet, or an end after this submission), or after an earlier job of the same
+    generation COMPLETED (its result was to be reused). A job submitted after the earlier one
+    failed or was cancelled is a retry, and a new generation after a clear is a retrain: neither
+    is a duplicate. Slurm's times are ISO strings of one clock, so they compare as strings."""
+    order = sorted(jobs, key=lambda j: (jobs[j].get("submit") or "", int(j)))
+    found = []
+    for n, job in enumerate(order):
+        submit = jobs[job].get("submit") or ""
+        for earlier in order[:n]:
+            e = jobs[earlier]
+            overlapped = e.get("end") is None or e["end"] > submit
+            reused = e.get("state") == "COMPLETED" and e.get("generation") == jobs[job].get("generation")
+            if overlapped or reused:
+                found.append(job)
+                break
+    return found
+
+
+def jobs_of_key(digest: str, since: float) -> dict[str, dict[str, Any]]:
     """Every job Slurm ran or runs for the key since ``since`` (epoch seconds): accounting
     (sacct, all users) and the controller's live view (squeue), the live view winning."""
     start = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(since))
-    jobs = key_jobs(slurm("sacct", "-a", "-n", "-X", "-P", "-S", start, "-o", "JobID,JobName,State").splitlines(),
-                    digest)
-    jobs.update(live_jobs_of_key(digest))
+    jobs = key_jobs(slurm("sacct", "-a", "-n", "-X", "-P", "-S", start, "-o",
+                          "JobID,JobName,State,Submit,End").splitlines(), digest)
+    for job_id, live in live_jobs_of_key(digest).items():
+        jobs[job_id] = {**jobs.get(job_id, {}), **{k: v for k, v in live.items() if v is not None}}
     return jobs
 
 
-def live_jobs_of_key(digest: str) -> dict[str, dict[str, str]]:
+def live_jobs_of_key(digest: str) -> dict[str, dict[str, Any]]:
     """The key's jobs the controller still holds (queued, running, completing...)."""
-    found = key_jobs(slurm("squeue", "-h", "-a", "-o", "%i|%j|%T").splitlines(), digest)
-    return {j: v for j, v in found.items() if v["state"] in LIVE_STATES}
+    found = key_jobs(slurm("squeue", "-h", "-a", "-o", "%i|%j|%T|%V|%e").splitlines(), digest)
+    return {j: {**v, "end": None} for j, v in found.items() if v["state"] in LIVE_STATES}
+
+
+def job_fields(job_id: str) -> dict[str, str]:
+    """``scontrol show job`` as a dict (empty once the controller forgot the job)."""
+    try:
+        out = slurm("scontrol", "-o", "show", "job", str(job_id))
+    except subprocess.CalledProcessError:
+        return {}
+    return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
+
+
+def restarts(job_id: str) -> int:
+    """How often Slurm restarted the job (requeue, preemption, node failure)."""
+    return int(job_fields(job_id).get("Restarts", 0))
+
+
+def attempts(job_dir: str) -> list[dict[str, Any]]:
+    """hpctrain's attempt rows of a job (``.hpctrain/attempts.json``; the cluster's home is here)."""
+    try:
+        rows = json.loads((Path(job_dir) / ".hpctrain" / "attempts.json").read_text())
+    except (OSError, ValueError):
+        return []
+    return rows if isinstance(rows, list) else []
+
+
+def attempt_training(job_dir: str, restart: int) -> bool:
+    """Attempt ``restart`` of the job is past start-up (its row says ``running``)."""
+    return any(a.get("restart") == restart and a.get("status") == "running" for a in attempts(job_dir))
+
+
+def steps_redone(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Work trained twice across a job's attempts: for each attempt after the first, the steps
+    between where it resumed and where the previous one had got to. A previous row left
+    ``running`` was killed without saying how far it got: counted in ``unknown``."""
+    redone, unknown = 0, 0
+    for prev, cur in zip(rows, rows[1:], strict=False):
+        if cur.get("start_step") is None:
+            continue
+        if prev.get("end_step") is None:
+            unknown += prev.get("start_step") is not None
+            continue
+        redone += max(0, int(prev["end_step"]) - int(cur["start_step"]))
+    return {"attempts": len(rows), "steps_redone": redone, "attempts_unknown": unknown}
+
+
+def submit_urgent() -> str:
+    """Submit, as the cluster user, a short ``urgent`` job that needs half the training's memory
+    beyond what the node has free: Slurm preempts the spot training to run it."""
+    node = dict(kv.split("=", 1) for kv in slurm("scontrol", "-o", "show", "node").split() if "=" in kv)
+    mem = int(node["RealMemory"]) - int(node["AllocMem"]) + 1024
+    user = read_stack_env()["SSH_USER"]
+    return slurm("runuser", "-u", user, "--", "sbatch", "--parsable", "-p", "urgent", "-A",
+                 read_stack_env()["SLURM_ACCOUNT"], "-c", "1", f"--mem={mem}M", "--job-name=chaos-urgent",
+                 "--output=/dev/null", "--wrap", "sleep 3").strip()
 
 
 # --- the run -----------------------------------------------------------------------------------------
@@ -180,3 +261,35 @@ def run_log_texts(run_id: str, job: Mapping[str, Any] | None) -> dict[str, str]:
         for path in sorted(Path(job["job_dir"]).glob("slurm-*.out")):
             texts[str(path)] = path.read_text(errors="replace")
     return texts
+
+
+# --- what the run registered --------------------------------------------------------------------
+
+def registrations(run_id: str, model: str) -> dict[str, Any]:
+    """What the run left in MLflow and the catalog, per generation (``str`` keys, as in JSON):
+    MLflow runs carrying its run key, model versions of ``model`` from those runs, catalog
+    documents. One of each per generation that got so far; more is a duplicate registration."""
+    import mlflow
+    import pymongo
+
+    env = read_stack_env()
+    os.environ.setdefault("MLFLOW_TRACKING_USERNAME", env["MLFLOW_TRACKING_USERNAME"])
+    os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", env["MLFLOW_TRACKING_PASSWORD"])
+    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments, f"tags.`slurmflow.run_key` LIKE '{DAG}/{run_id}/%'", max_results=100)
+    mlflow_runs = Counter(r.data.tags["slurmflow.run_key"].rsplit("/g", 1)[1] for r in runs)
+    ours = {r.info.run_id for r in runs}
+    versions = [v.version for v in client.search_model_versions(f"name = '{model}'") if v.run_id in ours]
+    with pymongo.MongoClient(env["MONGO_URI"], serverSelectionTimeoutMS=10000) as mongo:
+        docs = Counter(str(d.get("generation")) for d in mongo["slurmflow"]["runs"].find(
+            {"dag_id": DAG, "run_id": run_id}, {"generation": 1}))
+    return {"mlflow_runs": dict(mlflow_runs), "model_versions": len(versions), "catalog_docs": dict(docs)}
+
+
+def duplicate_registrations(reg: Mapping[str, Any]) -> int:
+    """How many MLflow runs, model versions and catalog documents are beyond one per generation
+    (a generation is counted once it has an MLflow run)."""
+    runs = reg.get("mlflow_runs") or {}
+    extra = sum(max(0, n - 1) for n in runs.values()) + sum(max(0, n - 1) for n in (reg.get("catalog_docs") or {}).values())
+    return extra + max(0, int(reg.get("model_versions") or 0) - len(runs))

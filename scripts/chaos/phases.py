@@ -40,14 +40,15 @@ def in_phase(phase: Phase, tasks: TaskStates | None) -> bool:
 
 
 def detect_phase(tasks: TaskStates | None, run_state: str | None = None) -> str:
-    """The run's phase by name (a key of :data:`PHASES`), or ``"done"``, ``"before"`` (image,
-    pre-flight, job spec, or the gaps between tasks) and ``"unknown"`` (no answer)."""
+    """The run's phase by name (a state-anchored key of :data:`PHASES`), or ``"done"``,
+    ``"before"`` (pre-flight, job spec, or the gaps between tasks) and ``"unknown"`` (no answer)."""
     if run_state in RUN_DONE:
         return "done"
     if tasks is None:
         return "unknown"
-    # later phases win: catalog is "scheduled" while register still finishes
-    for phase in reversed(list(PHASES.values())):
+    # later phases win: catalog is "scheduled" while register still finishes. Phases anchored on
+    # the job (job-start, running, job-end) are moments inside these, not told apart by states.
+    for phase in reversed([p for p in PHASES.values() if p.anchor == "state"]):
         if in_phase(phase, tasks):
             return phase.name
     return "before"

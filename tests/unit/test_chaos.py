@@ -9,7 +9,15 @@ import random
 import pytest
 
 from scripts.chaos.__main__ import broken, parse_args
-from scripts.chaos.observe import find_secrets, key_jobs, line_diff, secret_values
+from scripts.chaos.observe import (
+    duplicate_jobs,
+    duplicate_registrations,
+    find_secrets,
+    key_jobs,
+    line_diff,
+    secret_values,
+    steps_redone,
+)
 from scripts.chaos.phases import Sample, detect_phase, in_phase, progressed, recovery_s
 from scripts.chaos.report import BEGIN, END, render_generated, render_table, summarise, update_doc
 from scripts.chaos.table import FAULTS, NOT_COVERED, PHASES, TrialSpec, plan, select_faults
@@ -23,38 +31,47 @@ def test_every_fault_names_real_phases_and_real_programs():
     for fault in FAULTS.values():
         assert fault.phases and set(fault.phases) <= set(PHASES), fault.name
         assert fault.promise.strip(), fault.name
-        if fault.kind in {"kill_tree", "outage"}:
+        if fault.kind in {"kill_tree", "outage", "restart", "node_fail"}:
             assert fault.target in programs, f"{fault.name}: no supervisord program {fault.target!r}"
-        if fault.kind == "outage":
+        if fault.kind in {"outage", "node_fail", "preempt"}:
             low, high = fault.outage
             assert 0 < low <= high
         else:
             assert fault.outage is None
 
 
-def test_the_issues_first_slice_is_in_the_table():
+def test_every_fault_and_phase_of_issue_11_is_in_the_table():
     pairs = {(f.name, p) for f in FAULTS.values() for p in f.phases}
     for component in ("triggerer", "scheduler", "dag-processor", "api-server"):
-        assert {(f"kill-{component}", "submit"), (f"kill-{component}", "deferred")} <= pairs
-    assert {("kill-task", "submit"), ("stop-sshd", "deferred"), ("stop-mlflow", "register"),
-            ("stop-mongo", "catalog")} <= pairs
-    assert FAULTS["stop-sshd"].outage == (15.0, 60.0)
-    assert FAULTS["stop-mlflow"].outage == FAULTS["stop-mongo"].outage == (30.0, 30.0)
-    assert FAULTS["kill-task"].anchor == "sbatch"
-    assert any("slurmdbd" in item for item in NOT_COVERED)
+        assert {(f"kill-{component}", p) for p in ("submit", "deferred", "register")} <= pairs
+    assert {("kill-task", "submit"), ("kill-task", "register"), ("kill-task", "catalog"),
+            ("stop-sshd", "submit"), ("stop-sshd", "deferred"),
+            ("restart-slurmctld", "deferred"), ("restart-slurmctld", "job-end"),
+            ("stop-slurmdbd", "deferred"), ("stop-slurmdbd", "job-end"),
+            ("kill-slurmd", "running"), ("preempt", "running"), ("stop-mlflow", "register"),
+            ("stop-mongo", "catalog"), ("stop-mongo", "job-start"), ("stop-registry", "build"),
+            ("second-run", "deferred"), ("clear", "deferred")} <= pairs
+    assert FAULTS["stop-sshd"].outage == (15.0, 180.0)
+    assert FAULTS["stop-mlflow"].outage == FAULTS["stop-mongo"].outage == (30.0, 120.0)
+    assert FAULTS["stop-slurmdbd"].outage == (60.0, 60.0) and FAULTS["preempt"].outage == (1, 3)
+    # the node stays down past SlurmdTimeout (60 s in include/stack/slurm.conf): NODE_FAIL
+    assert FAULTS["kill-slurmd"].outage[0] > 60
+    assert FAULTS["kill-task"].sbatch_anchor
+    assert any("nightly" in item for item in NOT_COVERED)
 
 
 def test_plan_interleaves_rounds_so_a_cut_short_run_covers_every_pair():
     specs = plan(select_faults(["kill-triggerer", "stop-sshd"]), trials=3)
-    assert [(s.fault.name, s.phase.name, s.index) for s in specs[:3]] == [
-        ("kill-triggerer", "submit", 0), ("kill-triggerer", "deferred", 0), ("stop-sshd", "deferred", 0)]
-    assert len(specs) == 9 and specs[-1].index == 2
+    assert [(s.fault.name, s.phase.name, s.index) for s in specs[:6]] == [
+        ("kill-triggerer", "submit", 0), ("kill-triggerer", "deferred", 0), ("kill-triggerer", "register", 0),
+        ("stop-sshd", "submit", 0), ("stop-sshd", "deferred", 0), ("kill-triggerer", "submit", 1)]
+    assert len(specs) == 15 and specs[-1].index == 2
 
 
 def test_smoke_is_one_trial_of_each_pair():
     args = parse_args(["--smoke"])
     assert args.trials == 1 and args.orphan_wait == 60
-    assert len(plan(select_faults([]), args.trials)) == sum(len(f.phases) for f in FAULTS.values()) == 12
+    assert len(plan(select_faults([]), args.trials)) == sum(len(f.phases) for f in FAULTS.values()) == 31
     assert parse_args([]).orphan_wait == 300 and parse_args([]).trials == 10
 
 
@@ -72,10 +89,13 @@ def test_delays_are_drawn_inside_the_window():
     at_sbatch = TrialSpec(FAULTS["kill-task"], PHASES["submit"], 0)
     sshd = TrialSpec(FAULTS["stop-sshd"], PHASES["deferred"], 0)
     for _ in range(200):
-        assert 0.0 <= submit.delay(rng) <= 2.0
-        assert 0.0 <= at_sbatch.delay(rng) <= 0.15
-        assert 15.0 <= sshd.outage(rng) <= 60.0
+        assert 0.0 <= submit.delay(rng) <= 0.5
+        assert 0.0 <= at_sbatch.delay(rng) <= 1.0
+        assert 15.0 <= sshd.outage(rng) <= 180.0
+        assert TrialSpec(FAULTS["preempt"], PHASES["running"], 0).outage(rng) in (1.0, 2.0, 3.0)
     assert submit.outage(rng) is None
+    assert at_sbatch.anchor == "sbatch" and TrialSpec(FAULTS["kill-task"], PHASES["register"], 0).anchor == "state"
+    assert TrialSpec(FAULTS["kill-slurmd"], PHASES["running"], 0).anchor == "training"
 
 
 # --- phases and recovery ---------------------------------------------------------------------------
@@ -84,7 +104,8 @@ RUNNING_TRAIN = {"build_image": ("success", 1), "train": ("running", 1), "regist
 
 
 @pytest.mark.parametrize(("tasks", "run_state", "phase"), [
-    ({"build_image": ("running", 1), "train": (None, 0)}, "running", "before"),
+    ({"build_image": ("running", 1), "train": (None, 0)}, "running", "build"),
+    ({"preflight": ("running", 1), "build_image": (None, 0)}, "running", "before"),
     (RUNNING_TRAIN, "running", "submit"),
     ({"train": ("deferred", 1)}, "running", "deferred"),
     ({"train": ("success", 1), "register": ("running", 1), "reap": ("running", 1)}, "running", "register"),
@@ -150,11 +171,49 @@ def test_line_diff_exact_duplicated_and_missing():
 
 
 def test_key_jobs_filters_by_digest_any_generation_newest_line_wins():
-    lines = ["101|train.abcdef012345.g0|PREEMPTED", "101|train.abcdef012345.g0|COMPLETED",
-             "102|train.ffffffffffff.g0|RUNNING", "103_2|train.abcdef012345.g1|CANCELLED by 0", "junk"]
+    lines = ["101|train.abcdef012345.g0|PREEMPTED|2026-12-02T10:00:00|2026-12-02T10:01:00",
+             "101|train.abcdef012345.g0|COMPLETED|2026-12-02T10:01:05|2026-12-02T10:02:00",
+             "102|train.ffffffffffff.g0|RUNNING|2026-12-02T10:00:00|Unknown",
+             "103_2|train.abcdef012345.g1|CANCELLED by 0|2026-12-02T10:03:00|Unknown", "junk"]
     assert key_jobs(lines, "abcdef012345") == {
-        "101": {"name": "train.abcdef012345.g0", "state": "COMPLETED"},
-        "103": {"name": "train.abcdef012345.g1", "state": "CANCELLED"}}
+        "101": {"name": "train.abcdef012345.g0", "generation": 0, "state": "COMPLETED",
+                "submit": "2026-12-02T10:01:05", "end": "2026-12-02T10:02:00"},
+        "103": {"name": "train.abcdef012345.g1", "generation": 1, "state": "CANCELLED",
+                "submit": "2026-12-02T10:03:00", "end": None}}
+
+
+def _job(gen, state, submit, end):
+    return {"generation": gen, "state": state, "submit": f"2026-12-02T10:{submit}", "end": end and f"2026-12-02T10:{end}"}
+
+
+@pytest.mark.parametrize(("jobs", "dups"), [
+    # one job, requeued or not: nothing to say
+    ({"1": _job(0, "COMPLETED", "00:00", "05:00")}, []),
+    # a retry after the first job failed, and a retrain after a clear once the first was cancelled
+    ({"1": _job(0, "FAILED", "00:00", "01:00"), "2": _job(0, "COMPLETED", "01:30", "03:00")}, []),
+    ({"1": _job(0, "CANCELLED", "00:00", "01:00"), "2": _job(1, "COMPLETED", "01:00", "03:00")}, []),
+    # a second job while the first still ran (ended later, or still running)
+    ({"1": _job(0, "COMPLETED", "00:00", "05:00"), "2": _job(0, "COMPLETED", "01:00", "06:00")}, ["2"]),
+    ({"1": _job(0, "RUNNING", "00:00", None), "2": _job(1, "RUNNING", "01:00", None)}, ["2"]),
+    # a resubmission after the same generation had completed (its result was to be reused)
+    ({"1": _job(0, "COMPLETED", "00:00", "01:00"), "2": _job(0, "COMPLETED", "02:00", "03:00")}, ["2"]),
+])
+def test_duplicate_jobs_are_overlaps_and_resubmissions_of_a_completed_generation(jobs, dups):
+    assert duplicate_jobs(jobs) == dups
+
+
+def test_steps_redone_per_attempt_and_unknown_after_a_kill():
+    rows = [{"restart": 0, "start_step": 0, "end_step": 40, "status": "preempted"},
+            {"restart": 1, "start_step": 40, "end_step": None, "status": "running"},  # killed with its node
+            {"restart": 2, "start_step": 60, "end_step": 100, "status": "completed"}]
+    assert steps_redone(rows) == {"attempts": 3, "steps_redone": 0, "attempts_unknown": 1}
+    rows[1].update(end_step=75, status="preempted")
+    assert steps_redone(rows)["steps_redone"] == 15
+
+
+def test_duplicate_registrations_count_beyond_one_per_generation():
+    assert duplicate_registrations({"mlflow_runs": {"0": 1, "1": 1}, "model_versions": 2, "catalog_docs": {"0": 1}}) == 0
+    assert duplicate_registrations({"mlflow_runs": {"0": 2}, "model_versions": 3, "catalog_docs": {"0": 2}}) == 4
 
 
 def test_secrets_are_reported_by_name_never_by_value():
