@@ -74,8 +74,12 @@ def trigger_logs(dag_id: str, run_id: str, task_id: str) -> list[Path]:
 
 def trigger_records(dag_id: str, run_id: str, task_id: str) -> list[dict]:
     """The JSON records of those files, oldest first."""
+    return _records(trigger_logs(dag_id, run_id, task_id))
+
+
+def _records(paths: list[Path]) -> list[dict]:
     records = []
-    for path in trigger_logs(dag_id, run_id, task_id):
+    for path in paths:
         for raw in path.read_text().splitlines():
             try:
                 records.append(json.loads(raw))
@@ -84,8 +88,15 @@ def trigger_records(dag_id: str, run_id: str, task_id: str) -> list[dict]:
     return sorted(records, key=lambda r: r.get("timestamp", ""))
 
 
-def streamed_lines(dag_id: str, run_id: str, job_id: str, task_id: str = "train") -> list[str]:
-    """The job's lines in a task's trigger logs (every attempt and trigger), in order."""
+def streamed_lines(dag_id: str, run_id: str, job_id: str, task_id: str = "train",
+                   attempt: int | None = None) -> list[str]:
+    """The job's lines in a task's logs, in order: its trigger logs (every trigger that ran it)
+    and its own attempt logs (a try that found the job already ended shows the log itself).
+
+    :param attempt: only this try's logs (default: every try's).
+    """
     prefix = f"[slurm {job_id}] "
-    events = (str(r.get("event", "")) for r in trigger_records(dag_id, run_id, task_id))
+    folder = STACK / "airflow" / "logs" / f"dag_id={dag_id}" / f"run_id={run_id}" / f"task_id={task_id}"
+    files = sorted(folder.glob(f"attempt={attempt if attempt is not None else '*'}.log*"))
+    events = (str(r.get("event", "")) for r in _records(files))
     return [e[len(prefix):] for e in events if e.startswith(prefix)]

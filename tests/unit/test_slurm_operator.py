@@ -126,6 +126,26 @@ def test_completed_job_is_reused_without_deferring():
     assert result["job_id"] == done.job_id and result["state"] == "COMPLETED" and result["action"] == "reused"
 
 
+def test_a_reused_job_shows_its_log_in_the_task_log(tmp_path, capfd):
+    """Regression (make chaos, kill-task at submit): the retry of a task killed right after sbatch
+    found the job COMPLETED and reported it without one line of its log."""
+    from slurmflow.identity import JobKey
+
+    cluster = FakeCluster()
+    op = make(cluster)
+    op.__dict__["hook"] = fake_hook(cluster, job_root=str(tmp_path))
+    done = cluster.add_job(JobKey("dag", "manual__1", "train").job_name(0), "COMPLETED")
+    ctx, _ = run(op)
+    log = Path(op._script.job_dir) / f"slurm-{done.job_id}.out"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text("epoch 0 loss 0.5\nepoch 1 loss 0.25\n")
+    capfd.readouterr()
+    assert op.execute(ctx)["action"] == "reused"
+    out = "".join(capfd.readouterr())  # the task logger (structlog) writes to the console here
+    assert out.count(f"[slurm {done.job_id}] epoch 0 loss 0.5") == 1
+    assert out.count(f"[slurm {done.job_id}] epoch 1 loss 0.25") == 1
+
+
 def event(status, state="COMPLETED", exit_code=0, tail="", message=""):
     return {
         "status": status,

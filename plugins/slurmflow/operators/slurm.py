@@ -278,9 +278,11 @@ class SlurmSubmitJobOperator(BaseOperator):
         context["ti"].xcom_push(key=XCOM_JOB_KEY, value=job)
 
         if outcome.action == "reused":
-            snap = self.hook.get_states([outcome.job_id])[outcome.job_id]
+            # The job ended before this try could wait for it (a retry after the task died right
+            # after sbatch): one blocking poll shows its log in this try's log, as a wait would
+            # have, and concludes on its state.
             self.log.info("Reusing the result of COMPLETED job %s", outcome.job_id)
-            return self._finish(snap, job, tail="")
+            return self._wait_blocking(job, context)
 
         if self.deferrable:
             self.defer(trigger=self._trigger(job), method_name="execute_complete", kwargs={"job": job})
