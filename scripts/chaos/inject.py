@@ -34,9 +34,14 @@ from tests.e2e.helpers import descendants, kill_pids, kill_tree, wait_running
 JOB_LABEL = "slurmflow.slurm_job_id"
 
 
+def task_title(ti_id: str) -> bytes:
+    """The command line Airflow's task runner gives itself for task instance ``ti_id``."""
+    return f"airflow worker -- {ti_id}".encode()
+
+
 def task_process(ti_id: str) -> int | None:
     """The pid of the process running task instance ``ti_id``, if one runs on this machine."""
-    title = f"airflow worker -- {ti_id}".encode()
+    title = task_title(ti_id)
     for proc in Path("/proc").glob("[0-9]*"):
         try:
             if (proc / "cmdline").read_bytes().replace(b"\0", b" ").strip() == title:
@@ -72,7 +77,7 @@ def freeze_at(marker: bytes, ti_id: str, timeout: float) -> int | None:
     exactly between the job's submission and the task reading sbatch's answer (its XCom write).
     Watching starts before the task does, and only pids not seen before are read, so that a
     scan is quick enough to catch a submission that takes a tenth of a second."""
-    title = f"airflow worker -- {ti_id}".encode()
+    title = task_title(ti_id)
     deadline = time.monotonic() + timeout
     seen: set[str] = set()
     task: int | None = None

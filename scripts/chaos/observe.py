@@ -12,6 +12,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import subprocess
 import time
 import urllib.error
@@ -35,6 +36,8 @@ LIVE_STATES = frozenset({"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQ
 MIN_SECRET_LEN = 5
 #: stack.env entries that look like credentials and are not (see :func:`secret_values`).
 NOT_SECRET = frozenset({"AIRFLOW_PASSWORD"})
+#: What Airflow's secrets masker writes in place of a value it masks.
+MASK = "***"
 #: What a call to a server that is down raises.
 UNREACHABLE = (OSError, AirflowAPIError, http.client.HTTPException, urllib.error.URLError, ValueError)
 
@@ -197,12 +200,22 @@ def settle(timeout: float = 240) -> list[str]:
 def line_diff(shown: list[str], log: list[str]) -> dict[str, Any]:
     """Compare the lines streamed into the task log with the job's log (test_recovery's rule:
     equal, in order). ``duplicated``: shown more often than the log has them; ``missing``: in the
-    log, not shown (or shown less often)."""
+    log, not shown (or shown less often). A shown line the masker changed (``***`` in place of a
+    value it masks) stands for the log line at the same place it matches."""
     log = [line.rstrip("\r") for line in log]
+    shown = [_unmask(line, log[i]) if i < len(log) else line for i, line in enumerate(shown)]
     have, want = Counter(shown), Counter(log)
     return {"streamed": len(shown), "job_log": len(log), "exact": shown == log,
             "duplicated": sum(max(0, n - want[line]) for line, n in have.items()),
             "missing": sum(max(0, n - have[line]) for line, n in want.items())}
+
+
+def _unmask(shown: str, original: str) -> str:
+    """``original`` if ``shown`` is it with masked parts (``***``), else ``shown``."""
+    if shown == original or MASK not in shown:
+        return shown
+    pattern = ".+".join(re.escape(part) for part in shown.split(MASK))
+    return original if re.fullmatch(pattern, original) else shown
 
 
 def job_log_lines(path: str) -> list[str] | None:

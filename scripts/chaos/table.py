@@ -78,7 +78,9 @@ class Fault:
 
 
 PHASES: dict[str, Phase] = {p.name: p for p in (
-    Phase("build", "build_image", ("running",), (0.0, 1.0),
+    # with the image cached, build_image only asks the registry and is over in a second: like
+    # catalog, its phase starts when it is scheduled, so the outage can begin before its first call
+    Phase("build", "build_image", ("scheduled", "queued", "running"), (0.0, 1.0),
           "build_image checks the registry for the image of the training's content hash and builds "
           "and pushes it when missing"),
     Phase("submit", "train", ("running",), (0.0, 0.5),

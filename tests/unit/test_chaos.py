@@ -170,6 +170,13 @@ def test_line_diff_exact_duplicated_and_missing():
     assert held_back["missing"] == 2 and held_back["duplicated"] == 0
 
 
+def test_a_line_the_masker_changed_is_neither_duplicated_nor_missing():
+    log = ["start", "RuntimeError: MongoDB mongodb://db:27017/x unreachable", "end"]
+    shown = ["start", "RuntimeError: MongoDB *** unreachable", "end"]
+    assert line_diff(shown, log) == {"streamed": 3, "job_log": 3, "exact": True, "duplicated": 0, "missing": 0}
+    assert line_diff(["start", "*** other", "end"], log)["missing"] == 1
+
+
 def test_key_jobs_filters_by_digest_any_generation_newest_line_wins():
     lines = ["101|train.abcdef012345.g0|PREEMPTED|2026-12-02T10:00:00|2026-12-02T10:01:00",
              "101|train.abcdef012345.g0|COMPLETED|2026-12-02T10:01:05|2026-12-02T10:02:00",

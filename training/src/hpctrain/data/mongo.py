@@ -7,14 +7,20 @@ the code runs against MongoDB and wire-compatible servers alike (nx-27017 on the
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import pandas as pd
 
 from hpctrain.data.identity import canonical_json, hash_documents, redact_uri
 from hpctrain.errors import ConfigError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -30,7 +36,10 @@ class MongoQuery:
     :param uri: connection URI; leave unset to read it from ``uri_env`` so credentials stay out
         of config files, job scripts and logs.
     :param uri_env: environment variable holding the URI when ``uri`` is unset.
-    :param timeout_ms: server selection timeout; an unreachable server fails fast.
+    :param timeout_ms: server selection timeout of one attempt.
+    :param wait_s: how long an unreachable server is waited for, in attempts with a growing pause
+        (5 s doubling to 60 s), before the job fails: a database restarting as the job starts
+        should not cost the allocation. A query the server rejects fails at once.
     """
 
     database: str
@@ -41,6 +50,7 @@ class MongoQuery:
     uri: str | None = None
     uri_env: str = "MONGO_URI"
     timeout_ms: int = 5000
+    wait_s: float = 300.0
 
     def resolved_uri(self) -> str:
         uri = self.uri or os.environ.get(self.uri_env)
@@ -66,17 +76,32 @@ class MongoQuery:
 
         return MongoClient(self.resolved_uri(), serverSelectionTimeoutMS=self.timeout_ms, tz_aware=True)
 
+    def _reading(self, read: Callable[[Any], T], what: str) -> T:
+        """``read(client)``, retried while the server is unreachable, pausing at most
+        :attr:`wait_s` in all (each attempt adds its server selection timeout)."""
+        from pymongo.errors import ConnectionFailure, PyMongoError
+
+        waited, pause = 0.0, 5.0
+        while True:
+            client = self._client()
+            try:
+                return read(client)
+            except ConnectionFailure as exc:  # unreachable (incl. server selection timeout): wait
+                if waited + pause > self.wait_s:
+                    raise RuntimeError(f"MongoDB {redact_uri(self.resolved_uri())} unreachable for "
+                                       f"{self.wait_s:.0f} s ({what}): {exc}") from exc
+                log.warning("MongoDB %s unreachable (%s), trying again in %.0f s: %s",
+                            redact_uri(self.resolved_uri()), what, pause, type(exc).__name__)
+            except PyMongoError as exc:
+                raise RuntimeError(f"MongoDB {redact_uri(self.resolved_uri())} {what} failed: {exc}") from exc
+            finally:
+                client.close()
+            time.sleep(pause)
+            waited, pause = waited + pause, min(pause * 2, 60.0)
+
     def count(self) -> int:
         """Number of documents the query matches (cheap pre-flight check)."""
-        from pymongo.errors import PyMongoError
-
-        client = self._client()
-        try:
-            return int(client[self.database][self.collection].count_documents(self.query))
-        except PyMongoError as exc:
-            raise RuntimeError(f"MongoDB {redact_uri(self.resolved_uri())} unreachable: {exc}") from exc
-        finally:
-            client.close()
+        return self._reading(lambda c: int(c[self.database][self.collection].count_documents(self.query)), "count")
 
     def fetch(self, fields: list[str] | None = None) -> tuple[pd.DataFrame, dict[str, Any]]:
         """Run the query and return ``(table, identity)``.
@@ -86,22 +111,16 @@ class MongoQuery:
 
         :param fields: fields to project when :attr:`projection` is unset.
         """
-        from pymongo.errors import PyMongoError
-
         projection = self.projection
         if projection is None and fields:
             projection = {name: 1 for name in fields}
         snapshot_time = dt.datetime.now(dt.UTC)
-        client = self._client()
-        try:
+
+        def query(client: Any) -> list[dict[str, Any]]:
             cursor = client[self.database][self.collection].find(self.query, projection).sort("_id", 1)
-            if self.limit:
-                cursor = cursor.limit(self.limit)
-            documents = list(cursor)
-        except PyMongoError as exc:
-            raise RuntimeError(f"MongoDB {redact_uri(self.resolved_uri())} query failed: {exc}") from exc
-        finally:
-            client.close()
+            return list(cursor.limit(self.limit) if self.limit else cursor)
+
+        documents = self._reading(query, "query")
         content_sha256, count = hash_documents(documents)
         identity = {
             "kind": "mongodb",
