@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 
 from airflow.sdk import Param, dag
 
-from slurmflow.operators.image import BuildImageOperator
+from slurmflow.operators.image import REGISTRY_RETRIES, BuildImageOperator
 from slurmflow.pipeline import tasks
 from slurmflow.pipeline.params import hyperparameters, model_params, slurm_params
 
@@ -63,7 +63,8 @@ params = {
 )
 def hparam_sweep():
     preflight = tasks.preflight()
-    image = BuildImageOperator(task_id="build_image", base_image="{{ var.value.slurmflow_base_image }}")
+    image = BuildImageOperator(task_id="build_image", base_image="{{ var.value.slurmflow_base_image }}",
+                               **REGISTRY_RETRIES)
     trials = tasks.plan_trials()
     window = {"valid": True, "holdout": False, "day": {
         "$gt": "{{ macros.ds_add(" + LOGICAL_DAY + ", -params.window_days) }}",

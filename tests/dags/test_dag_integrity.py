@@ -96,3 +96,14 @@ def test_mongo_filters_are_data(dagbag, query, ok):
         else:
             with pytest.raises(jsonschema.ValidationError, match=r"\$"):
                 jsonschema.validate(query, schema)
+
+
+def test_build_image_rides_out_a_registry_restart(dagbag):
+    """Regression (make chaos, stop-registry at build): one retry after 30 s failed the run when
+    the registry was down for 43 s; every DAG's build_image now retries for about 4 minutes."""
+    from slurmflow.operators.image import REGISTRY_RETRIES
+
+    for dag_id in ("train_model", "nightly_retrain", "hparam_sweep"):
+        task = dagbag.dags[dag_id].get_task("build_image")
+        assert (task.retries, task.retry_delay, task.retry_exponential_backoff, task.max_retry_delay) == (
+            REGISTRY_RETRIES["retries"], REGISTRY_RETRIES["retry_delay"], True, REGISTRY_RETRIES["max_retry_delay"])
