@@ -94,7 +94,10 @@ def freeze_at(marker: bytes, ti_id: str, timeout: float) -> int | None:
                 seen.add(name)
             if cmdline.replace(b"\0", b" ").strip() == title:
                 task = int(name)
-            elif marker in cmdline and task is not None:
+            elif marker in cmdline:
+                task = task if task is not None else task_process(ti_id)  # retitled after our look
+                if task is None:
+                    return None
                 for victim in [task, *descendants(task)]:
                     try:
                         os.kill(victim, signal.SIGSTOP)

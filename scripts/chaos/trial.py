@@ -180,7 +180,7 @@ class Trial:
     def _freeze_at_sbatch(self, ti_id: str) -> float | None:
         """Freeze the task process the moment its remote submission starts, then wait until
         that submission is over: the trial clock then, or ``None`` if it never came."""
-        submitter = freeze_at(SUBMIT_MARK, ti_id, timeout=self.phase_timeout)
+        submitter = freeze_at(SUBMIT_MARK, ti_id, timeout=300)
         if submitter is None:
             return None
         if not wait_for(lambda: not Path(f"/proc/{submitter}").exists(), 60, every=0.02):
