@@ -161,9 +161,9 @@ def submit_urgent() -> str:
     beyond what the node has free: Slurm preempts the spot training to run it."""
     node = dict(kv.split("=", 1) for kv in slurm("scontrol", "-o", "show", "node").split() if "=" in kv)
     mem = int(node["RealMemory"]) - int(node["AllocMem"]) + 1024
-    user = read_stack_env()["SSH_USER"]
-    return slurm("runuser", "-u", user, "--", "sbatch", "--parsable", "-p", "urgent", "-A",
-                 read_stack_env()["SLURM_ACCOUNT"], "-c", "1", f"--mem={mem}M", "--job-name=chaos-urgent",
+    env = read_stack_env()
+    return slurm("runuser", "-u", env["SSH_USER"], "--", "sbatch", "--parsable", "-p", "urgent", "-A",
+                 env["SLURM_ACCOUNT"], "-c", "1", f"--mem={mem}M", "--job-name=chaos-urgent",
                  "--output=/dev/null", "--wrap", "sleep 3").strip()
 
 
