@@ -19,7 +19,7 @@ import pytest
 from scripts.localstack.__main__ import supervisor
 from tests.e2e.helpers import FIRST_RUN_TIMEOUT, kill_tree, streamed_lines, wait_running, wait_until
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.long]
 
 DAG = "train_model"
 
