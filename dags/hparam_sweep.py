@@ -14,9 +14,10 @@ from datetime import datetime, timedelta
 
 from airflow.sdk import Param, dag
 
-from slurmflow.operators.image import REGISTRY_RETRIES, BuildImageOperator
+from slurmflow.operators.image import BuildImageOperator
 from slurmflow.pipeline import tasks
 from slurmflow.pipeline.params import hyperparameters, model_params, slurm_params
+from slurmflow.retries import SERVICE_RETRIES
 
 default_args = {"owner": "ml-platform", "retries": 1, "retry_delay": timedelta(minutes=2)}
 LOGICAL_DAY = "(dag_run.logical_date or dag_run.run_after) | ds"
@@ -64,7 +65,7 @@ params = {
 def hparam_sweep():
     preflight = tasks.preflight()
     image = BuildImageOperator(task_id="build_image", base_image="{{ var.value.slurmflow_base_image }}",
-                               **REGISTRY_RETRIES)
+                               **SERVICE_RETRIES)
     trials = tasks.plan_trials()
     window = {"valid": True, "holdout": False, "day": {
         "$gt": "{{ macros.ds_add(" + LOGICAL_DAY + ", -params.window_days) }}",

@@ -13,9 +13,10 @@ from datetime import datetime, timedelta
 
 from airflow.sdk import Param, dag
 
-from slurmflow.operators.image import REGISTRY_RETRIES, BuildImageOperator
+from slurmflow.operators.image import BuildImageOperator
 from slurmflow.pipeline import tasks
 from slurmflow.pipeline.params import hyperparameters, model_params, slurm_params
+from slurmflow.retries import SERVICE_RETRIES
 
 default_args = {"owner": "ml-platform", "retries": 1, "retry_delay": timedelta(minutes=5)}
 
@@ -45,7 +46,7 @@ params = {
 def nightly_retrain():
     preflight = tasks.preflight()
     image = BuildImageOperator(task_id="build_image", base_image="{{ var.value.slurmflow_base_image }}",
-                               **REGISTRY_RETRIES)
+                               **SERVICE_RETRIES)
     # The newest data: every valid, non-held-out document up to the logical date.
     spec = tasks.job_spec(image.output, overrides={
         "data_query": {"valid": True, "holdout": False, "day": {"$lte": "{{ (dag_run.logical_date or dag_run.run_after) | ds }}"}},

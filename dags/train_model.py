@@ -12,9 +12,10 @@ from datetime import timedelta
 
 from airflow.sdk import dag
 
-from slurmflow.operators.image import REGISTRY_RETRIES, BuildImageOperator
+from slurmflow.operators.image import BuildImageOperator
 from slurmflow.pipeline import tasks
 from slurmflow.pipeline.params import train_params
+from slurmflow.retries import SERVICE_RETRIES
 
 default_args = {"owner": "ml-platform", "retries": 1, "retry_delay": timedelta(seconds=30)}
 
@@ -32,7 +33,7 @@ default_args = {"owner": "ml-platform", "retries": 1, "retry_delay": timedelta(s
 def train_model():
     preflight = tasks.preflight()
     image = BuildImageOperator(task_id="build_image", base_image="{{ var.value.slurmflow_base_image }}",
-                               **REGISTRY_RETRIES)
+                               **SERVICE_RETRIES)
     spec = tasks.job_spec(image.output)
     train = tasks.TrainingJobOperator(
         task_id="train",

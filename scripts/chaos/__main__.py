@@ -127,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(seed)
     env = read_stack_env()
     api = AirflowAPI(env["AIRFLOW_URL"], env["AIRFLOW_USER"], env["AIRFLOW_PASSWORD"])
-    api.wait_for_dag(observe.DAG)
+    for dag in sorted({s.phase.dag for s in specs}):
+        api.wait_for_dag(dag)
     secrets = observe.secret_values(env)
     results.setdefault("runs", []).append({"started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                                            "argv": sys.argv[1:] if argv is None else argv, "seed": seed,

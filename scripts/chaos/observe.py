@@ -28,6 +28,7 @@ from scripts.localstack.services import SLURM_ENV, services
 from tests.conftest import read_stack_env
 from tests.e2e.helpers import streamed_lines, trigger_records
 
+#: The DAG a trial drives unless its phase names another (:attr:`scripts.chaos.table.Phase.dag`).
 DAG = "train_model"
 #: Slurm states in which a job still holds (or waits for) resources.
 LIVE_STATES = frozenset({"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "RESIZING",
@@ -169,18 +170,18 @@ def submit_urgent() -> str:
 
 # --- the run -----------------------------------------------------------------------------------------
 
-def task_states(api: AirflowAPI, run_id: str) -> dict[str, tuple[str | None, int]] | None:
-    tis = answer(api.task_instances, DAG, run_id)
+def task_states(api: AirflowAPI, run_id: str, dag: str = DAG) -> dict[str, tuple[str | None, int]] | None:
+    tis = answer(api.task_instances, dag, run_id)
     if tis is None:
         return None
     return {t["task_id"]: (t["state"], int(t.get("try_number") or 0)) for t in tis}
 
 
-def sample(api: AirflowAPI, run_id: str, t: float) -> Sample:
+def sample(api: AirflowAPI, run_id: str, t: float, dag: str = DAG) -> Sample:
     """One look at the run (``t``: the trial's clock)."""
-    run = answer(api.get, f"/dags/{DAG}/dagRuns/{run_id}")
-    return Sample(t=round(t, 2), tasks=task_states(api, run_id), run_state=run["state"] if run else None,
-                  trigger_records=len(trigger_records(DAG, run_id, "train")))
+    run = answer(api.get, f"/dags/{dag}/dagRuns/{run_id}")
+    return Sample(t=round(t, 2), tasks=task_states(api, run_id, dag), run_state=run["state"] if run else None,
+                  trigger_records=len(trigger_records(dag, run_id, "train")))
 
 
 def settle(timeout: float = 240) -> list[str]:
@@ -229,14 +230,14 @@ def job_log_lines(path: str) -> list[str] | None:
     return lines
 
 
-def stream_check(run_id: str, job: Mapping[str, Any] | None) -> dict[str, Any] | None:
+def stream_check(run_id: str, job: Mapping[str, Any] | None, dag: str = DAG) -> dict[str, Any] | None:
     """:func:`line_diff` for the train task's job (``None`` when no job was recorded)."""
     if not job or not job.get("log_path"):
         return None
     log = job_log_lines(job["log_path"])
     if log is None:
         return {"error": f"job log {job['log_path']} unreadable"}
-    return line_diff(streamed_lines(DAG, run_id, str(job["job_id"])), log)
+    return line_diff(streamed_lines(dag, run_id, str(job["job_id"])), log)
 
 
 def secret_values(stack_env: Mapping[str, str], secrets_file: Path | None = None) -> dict[str, str]:
@@ -265,9 +266,9 @@ def find_secrets(texts: Mapping[str, str], secrets: Mapping[str, str]) -> list[d
             for name, value in secrets.items() if value in text]
 
 
-def run_log_texts(run_id: str, job: Mapping[str, Any] | None) -> dict[str, str]:
+def run_log_texts(run_id: str, job: Mapping[str, Any] | None, dag: str = DAG) -> dict[str, str]:
     """Every log of the run: each task's attempt and trigger logs on disk, and the job's logs."""
-    folder = STACK / "airflow" / "logs" / f"dag_id={DAG}" / f"run_id={run_id}"
+    folder = STACK / "airflow" / "logs" / f"dag_id={dag}" / f"run_id={run_id}"
     texts = {str(p.relative_to(STACK)): p.read_text(errors="replace") for p in sorted(folder.rglob("*"))
              if p.is_file()}
     if job and job.get("job_dir"):
@@ -278,7 +279,7 @@ def run_log_texts(run_id: str, job: Mapping[str, Any] | None) -> dict[str, str]:
 
 # --- what the run registered --------------------------------------------------------------------
 
-def registrations(run_id: str, model: str) -> dict[str, Any]:
+def registrations(run_id: str, model: str, dag: str = DAG) -> dict[str, Any]:
     """What the run left in MLflow and the catalog, per generation (``str`` keys, as in JSON):
     MLflow runs carrying its run key, model versions of ``model`` from those runs, catalog
     documents. One of each per generation that got so far; more is a duplicate registration."""
@@ -290,13 +291,13 @@ def registrations(run_id: str, model: str) -> dict[str, Any]:
     os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", env["MLFLOW_TRACKING_PASSWORD"])
     client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
     experiments = [e.experiment_id for e in client.search_experiments()]
-    runs = client.search_runs(experiments, f"tags.`slurmflow.run_key` LIKE '{DAG}/{run_id}/%'", max_results=100)
+    runs = client.search_runs(experiments, f"tags.`slurmflow.run_key` LIKE '{dag}/{run_id}/%'", max_results=100)
     mlflow_runs = Counter(r.data.tags["slurmflow.run_key"].rsplit("/g", 1)[1] for r in runs)
     ours = {r.info.run_id for r in runs}
     versions = [v.version for v in client.search_model_versions(f"name = '{model}'") if v.run_id in ours]
     with pymongo.MongoClient(env["MONGO_URI"], serverSelectionTimeoutMS=10000) as mongo:
         docs = Counter(str(d.get("generation")) for d in mongo["slurmflow"]["runs"].find(
-            {"dag_id": DAG, "run_id": run_id}, {"generation": 1}))
+            {"dag_id": dag, "run_id": run_id}, {"generation": 1}))
     return {"mlflow_runs": dict(mlflow_runs), "model_versions": len(versions), "catalog_docs": dict(docs)}
 
 

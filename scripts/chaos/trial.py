@@ -35,7 +35,7 @@ from typing import Any
 from scripts.airflow_api import AirflowAPI
 from scripts.chaos import observe
 from scripts.chaos.inject import SUBMIT_MARK, Injection, freeze_at, wait_for
-from scripts.chaos.observe import DAG, answer
+from scripts.chaos.observe import answer
 from scripts.chaos.phases import RUN_DONE, Sample, detect_phase, in_phase, recovery_s
 from scripts.chaos.table import TrialSpec
 from slurmflow.identity import XCOM_JOB_KEY, JobKey
@@ -52,6 +52,7 @@ class Trial:
     def __init__(self, api: AirflowAPI, spec: TrialSpec, rng: random.Random, secrets: dict[str, str],
                  run_timeout: float = 900, phase_timeout: float = 600) -> None:
         self.api, self.spec, self.rng, self.secrets = api, spec, rng, secrets
+        self.dag = spec.phase.dag
         self.run_timeout, self.phase_timeout = run_timeout, phase_timeout
         self.t0 = time.monotonic()
         self.samples: list[Sample] = []
@@ -65,7 +66,7 @@ class Trial:
         return time.monotonic() - self.t0
 
     def look(self, run_id: str) -> Sample:
-        s = observe.sample(self.api, run_id, self.clock())
+        s = observe.sample(self.api, run_id, self.clock(), self.dag)
         self.samples.append(s)
         return s
 
@@ -73,8 +74,8 @@ class Trial:
         spec = self.spec
         conf = {"model_name": f"chaos-{spec.fault.name}", **spec.phase.conf}
         started = time.time()
-        run_id = self.api.trigger(DAG, conf=conf)["dag_run_id"]
-        key = JobKey(DAG, run_id, "train")
+        run_id = self.api.trigger(self.dag, conf=conf)["dag_run_id"]
+        key = JobKey(self.dag, run_id, "train")
         record = self.record
         record.update(run_id=run_id, conf=conf, started_at=_now(), training_key=key.digest)
         try:
@@ -95,7 +96,7 @@ class Trial:
         record.update(self._outcome(run_id, key, started, end, conf))
         if self.second:
             other_id, other_started = self.second
-            other = self._outcome(other_id, JobKey(DAG, other_id, "train"), other_started, second_end, conf)
+            other = self._outcome(other_id, JobKey(self.dag, other_id, "train"), other_started, second_end, conf)
             record["second_run"] = other
             # the trial holds only if both runs kept every promise: fold the second run's figures in
             if other["outcome"] != "success":
@@ -153,7 +154,7 @@ class Trial:
             elif kind == "clear":
                 hit = self._clear(injection, run_id, phase.task_id)
             else:
-                job = answer(self.api.xcom, DAG, run_id, "train", key=XCOM_JOB_KEY)
+                job = answer(self.api.xcom, self.dag, run_id, "train", key=XCOM_JOB_KEY)
                 hit = injection.start(ti.get("id"), job=job)
         record["phase_at_injection"] = where
         # a job anchor is only reached inside the phase's task states: the anchor says where
@@ -161,7 +162,7 @@ class Trial:
         record["injected_at_s"] = round(injection.injected_at, 2) if injection.injected_at else None
         if kind == "kill_task":
             # the killed process cannot write any more: what is in XCom now was written before
-            record["xcom_written_before_kill"] = answer(self.api.xcom, DAG, run_id, phase.task_id,
+            record["xcom_written_before_kill"] = answer(self.api.xcom, self.dag, run_id, phase.task_id,
                                                         key=XCOM_JOB_KEY) is not None
         if not hit:
             record["fault_detail"] = injection.detail
@@ -171,7 +172,7 @@ class Trial:
     def _task_instance(self, run_id: str, task_id: str) -> dict[str, Any]:
         """The task instance (its id names its process); waits for the API to answer."""
         for _ in range(100):
-            ti = answer(self.api.get, f"/dags/{DAG}/dagRuns/{run_id}/taskInstances/{task_id}")
+            ti = answer(self.api.get, f"/dags/{self.dag}/dagRuns/{run_id}/taskInstances/{task_id}")
             if ti:
                 return ti
             time.sleep(1)
@@ -206,7 +207,7 @@ class Trial:
                 if anchor == "training" and job and observe.attempt_training(job["job_dir"], 0):
                     return self.clock()
                 if state == "RUNNING" and job is None:
-                    job = answer(self.api.xcom, DAG, run_id, "train", key=XCOM_JOB_KEY)
+                    job = answer(self.api.xcom, self.dag, run_id, "train", key=XCOM_JOB_KEY)
             except (OSError, subprocess.SubprocessError):
                 pass  # the controller is busy: ask again
             if self.clock() - last_look > 1.0:  # the API is slower than squeue: ask it less often
@@ -219,7 +220,7 @@ class Trial:
 
     def _second_run(self, injection: Injection, record: dict[str, Any]) -> bool:
         """Trigger a second run with the same conf now (the fault of ``concurrent``)."""
-        created = answer(self.api.trigger, DAG, conf=record["conf"])
+        created = answer(self.api.trigger, self.dag, conf=record["conf"])
         injection.injected_at = injection.over_at = self.clock()
         if not created:
             injection.detail["missed"] = "the API refused the second run"
@@ -231,7 +232,7 @@ class Trial:
     def _clear(self, injection: Injection, run_id: str, task_id: str) -> bool:
         """Clear the phase's task as a user would (the Clear button: downstream included)."""
         injection.injected_at = injection.over_at = self.clock()
-        cleared = answer(self.api.post, f"/dags/{DAG}/clearTaskInstances",
+        cleared = answer(self.api.post, f"/dags/{self.dag}/clearTaskInstances",
                          {"dry_run": False, "only_failed": False, "task_ids": [task_id], "include_downstream": True,
                           "dag_run_id": run_id, "reset_dag_runs": True})
         if cleared is None:
@@ -258,12 +259,12 @@ class Trial:
         if end is None:
             out.update(outcome="lost", lost=True)
             # free the stack for the next trial: marking the run failed kills its tasks (which cancel)
-            answer(self.api.patch, f"/dags/{DAG}/dagRuns/{run_id}", {"state": "failed"})
+            answer(self.api.patch, f"/dags/{self.dag}/dagRuns/{run_id}", {"state": "failed"})
         else:
             out.update(outcome=end.run_state, lost=False)
-        final = observe.task_states(self.api, run_id) or {}
+        final = observe.task_states(self.api, run_id, self.dag) or {}
         out["tasks"] = {task: {"state": state, "tries": tries} for task, (state, tries) in final.items()}
-        job = answer(self.api.xcom, DAG, run_id, "train", key=XCOM_JOB_KEY)
+        job = answer(self.api.xcom, self.dag, run_id, "train", key=XCOM_JOB_KEY)
         out["slurm_job"] = {k: job.get(k) for k in ("job_id", "job_name", "log_path", "job_dir")} if job else None
         jobs = self._jobs(key, started)
         out["slurm_jobs"] = [{"job_id": j, **v} for j, v in sorted(jobs.items())]
@@ -272,12 +273,12 @@ class Trial:
         out["training_key"] = key.digest
         out["attempts"] = observe.steps_redone(observe.attempts(job["job_dir"])) if job else None
         try:
-            out["registrations"] = observe.registrations(run_id, conf["model_name"])
+            out["registrations"] = observe.registrations(run_id, conf["model_name"], self.dag)
             out["duplicate_registrations"] = observe.duplicate_registrations(out["registrations"])
         except Exception as exc:  # MLflow or Mongo itself may be what broke: say so, count nothing
             out["registrations"], out["duplicate_registrations"] = {"error": repr(exc)}, 0
-        out["lines"] = observe.stream_check(run_id, job)
-        out["secrets_found"] = observe.find_secrets(observe.run_log_texts(run_id, job), self.secrets)
+        out["lines"] = observe.stream_check(run_id, job, self.dag)
+        out["secrets_found"] = observe.find_secrets(observe.run_log_texts(run_id, job, self.dag), self.secrets)
         out["samples"] = len(self.samples)
         return out
 

@@ -98,12 +98,19 @@ def test_mongo_filters_are_data(dagbag, query, ok):
                 jsonschema.validate(query, schema)
 
 
-def test_build_image_rides_out_a_registry_restart(dagbag):
+def test_tasks_that_call_a_service_ride_out_its_restart(dagbag):
     """Regression (make chaos, stop-registry at build): one retry after 30 s failed the run when
-    the registry was down for 43 s; every DAG's build_image now retries for about 4 minutes."""
-    from slurmflow.operators.image import REGISTRY_RETRIES
+    the registry was down for 43 s. Every task that calls the registry, MLflow or Mongo now
+    retries for about 4 minutes, whatever its DAG's default_args say."""
+    from slurmflow.retries import SERVICE_RETRIES
 
+    want = (SERVICE_RETRIES["retries"], SERVICE_RETRIES["retry_delay"], True, SERVICE_RETRIES["max_retry_delay"])
+    service_tasks = {"build_image", "register", "evaluate_and_promote", "catalog", "catalog_sweep"}
+    checked = set()
     for dag_id in ("train_model", "nightly_retrain", "hparam_sweep"):
-        task = dagbag.dags[dag_id].get_task("build_image")
-        assert (task.retries, task.retry_delay, task.retry_exponential_backoff, task.max_retry_delay) == (
-            REGISTRY_RETRIES["retries"], REGISTRY_RETRIES["retry_delay"], True, REGISTRY_RETRIES["max_retry_delay"])
+        for task in dagbag.dags[dag_id].tasks:
+            if task.task_id in service_tasks:
+                checked.add(task.task_id)
+                assert (task.retries, task.retry_delay, task.retry_exponential_backoff, task.max_retry_delay) == want, (
+                    dag_id, task.task_id)
+    assert checked == service_tasks

@@ -49,6 +49,7 @@ def test_every_fault_and_phase_of_issue_11_is_in_the_table():
             ("restart-slurmctld", "deferred"), ("restart-slurmctld", "job-end"),
             ("stop-slurmdbd", "deferred"), ("stop-slurmdbd", "job-end"),
             ("kill-slurmd", "running"), ("preempt", "running"), ("stop-mlflow", "register"),
+            ("stop-mlflow", "evaluate"),
             ("stop-mongo", "catalog"), ("stop-mongo", "job-start"), ("stop-registry", "build"),
             ("second-run", "deferred"), ("clear", "deferred")} <= pairs
     assert FAULTS["stop-sshd"].outage == (15.0, 180.0)
@@ -57,7 +58,9 @@ def test_every_fault_and_phase_of_issue_11_is_in_the_table():
     # the node stays down past SlurmdTimeout (60 s in include/stack/slurm.conf): NODE_FAIL
     assert FAULTS["kill-slurmd"].outage[0] > 60
     assert FAULTS["kill-task"].sbatch_anchor
-    assert any("nightly" in item for item in NOT_COVERED)
+    # MLflow at the nightly evaluate/promote: the nightly DAG's own run is driven
+    assert PHASES["evaluate"].dag == "nightly_retrain" and PHASES["evaluate"].task_id == "evaluate_and_promote"
+    assert {p.dag for p in PHASES.values()} == {"train_model", "nightly_retrain"}
 
 
 def test_plan_interleaves_rounds_so_a_cut_short_run_covers_every_pair():
@@ -71,7 +74,7 @@ def test_plan_interleaves_rounds_so_a_cut_short_run_covers_every_pair():
 def test_smoke_is_one_trial_of_each_pair():
     args = parse_args(["--smoke"])
     assert args.trials == 1 and args.orphan_wait == 60
-    assert len(plan(select_faults([]), args.trials)) == sum(len(f.phases) for f in FAULTS.values()) == 31
+    assert len(plan(select_faults([]), args.trials)) == sum(len(f.phases) for f in FAULTS.values()) == 32
     assert parse_args([]).orphan_wait == 300 and parse_args([]).trials == 10
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from datetime import timedelta
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,18 +23,6 @@ PROJECT_ROOT = Path(__file__).resolve().parents[3]
 XCOM_DIGEST, XCOM_TAG, XCOM_BUILT, XCOM_CODE = "digest", "tag", "built", "code_version"
 #: Image label with the git revision of a build (a label: not part of the content tag).
 LABEL_GIT_SHA = "org.opencontainers.image.revision"
-
-
-#: How build_image rides out a registry (or docker daemon) restart: the hooks fail fast and
-#: clearly on a registry that is down, and Airflow retries the task 15, 30, 60 and 120 s later
-#: (about 4 min in all) instead of the DAGs' one retry after 30 s. Passed explicitly by the DAGs,
-#: because a DAG's default_args would win over operator defaults.
-REGISTRY_RETRIES: dict[str, Any] = {
-    "retries": 4,
-    "retry_delay": timedelta(seconds=15),
-    "retry_exponential_backoff": True,
-    "max_retry_delay": timedelta(minutes=2),
-}
 
 
 class BuildImageOperator(BaseOperator):

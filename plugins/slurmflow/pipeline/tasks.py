@@ -21,6 +21,7 @@ from slurmflow.identity import XCOM_JOB_KEY, JobIdentity, JobKey, generation_of
 from slurmflow.links import MlflowModelLink, MlflowRunLink
 from slurmflow.operators.slurm import SlurmSubmitJobOperator
 from slurmflow.pipeline.jobs import Site, sbatch_options, training_job
+from slurmflow.retries import SERVICE_RETRIES
 from slurmflow.secrets import SecretRefs, gather
 
 log = logging.getLogger(__name__)
@@ -199,7 +200,7 @@ def sweep_job_spec(image: str, trials: list[dict[str, Any]], overrides: dict[str
     }
 
 
-@mlflow_task(task_id="register", retries=2)
+@mlflow_task(task_id="register", **SERVICE_RETRIES)
 def register(job: dict[str, Any], image: str) -> dict[str, Any]:
     """Copy the results off the cluster, then log + register them in MLflow (idempotent)."""
     from slurmflow.pipeline.results import collect
@@ -227,7 +228,7 @@ def register(job: dict[str, Any], image: str) -> dict[str, Any]:
             "monitor": manifest.get("monitor")}
 
 
-@mlflow_task(task_id="register", retries=2)
+@mlflow_task(task_id="register", **SERVICE_RETRIES)
 def register_sweep(job: dict[str, Any], image: str, trials: list[dict[str, Any]]) -> dict[str, Any]:
     """Log every trial as an MLflow run, register the best trial's model, log a summary run with
     the metric-vs-hyperparameter plot. Idempotent like :func:`register`."""
@@ -283,7 +284,7 @@ def register_sweep(job: dict[str, Any], image: str, trials: list[dict[str, Any]]
             "summary_run_id": summary, "sweep_key": identity.run_key, "code": code}
 
 
-@task(task_id="catalog_sweep", retries=2)
+@task(task_id="catalog_sweep", **SERVICE_RETRIES)
 def catalog_sweep(sweep: dict[str, Any]) -> dict[str, Any]:
     """One catalog document summarising the sweep and its trials (upserted by sweep key)."""
     from slurmflow.hooks.catalog import RunCatalogHook
@@ -301,7 +302,7 @@ def catalog_sweep(sweep: dict[str, Any]) -> dict[str, Any]:
     return {"sweep_key": doc["sweep_key"], "trials": len(doc["trials"]), "best_trial": doc["best_trial"]}
 
 
-@task(task_id="evaluate_and_promote", retries=1)
+@task(task_id="evaluate_and_promote", **SERVICE_RETRIES)
 def evaluate_and_promote(registration: dict[str, Any], alias: str, margin: float,
                          holdout_query: dict[str, Any]) -> dict[str, Any]:
     """Evaluate challenger and champion on the same held-out data; move ``alias`` only to a clear winner.
@@ -343,7 +344,7 @@ def evaluate_and_promote(registration: dict[str, Any], alias: str, margin: float
             "champion_version": version if decision.promote else champion.version}
 
 
-@task(task_id="catalog", retries=2, trigger_rule="all_done")
+@task(task_id="catalog", trigger_rule="all_done", **SERVICE_RETRIES)
 def catalog(train_task: str = "train", register_task: str = "register", image_task: str = "build_image") -> dict:
     """Record the run in the MongoDB catalog whatever its outcome, so failed runs are findable too.
 
