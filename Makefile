@@ -9,7 +9,7 @@ STACK := $(PY) -m scripts.localstack
 PYTEST_ARGS ?=
 CHAOS_ARGS ?=
 
-.PHONY: help deps venv up down status wheelhouse demo test test-long test-unit lint bench chaos clean
+.PHONY: help deps venv up down status wheelhouse demo test test-long test-unit lint bench chaos load clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -61,6 +61,9 @@ bench: up  ## benchmarks: print figures, write bench/results/*.json
 # Not part of `make test` (CI stays under 40 min): a full run is 120 trials of a minute or more.
 chaos: up  ## fault injection on real runs, docs/RELIABILITY.md (CHAOS_ARGS=--smoke: one trial each)
 	$(PY) -m scripts.chaos $(CHAOS_ARGS)
+
+load: up  ## 50 train_model runs at once + a 5-date hparam_sweep backfill (LOAD_ARGS=--smoke: 4 + 1)
+	$(PY) -m scripts.chaos.load $(LOAD_ARGS)
 
 clean: down  ## remove the stack's state (data, keys, images) and the venv
 	rm -rf .stack $(VENV)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import statistics
 import sys
 import time
@@ -66,16 +65,9 @@ def quiet_logs() -> None:
 
 def sdiag_counts(hook, user: str) -> dict[str, int]:
     """RPCs the controller served: all of the user's, and the job-info ones (any user)."""
-    text = hook.run(["sdiag"]).stdout
-    counts = {"user_rpcs": 0, "job_info_rpcs": 0}
-    m = re.search(rf"^\s*{re.escape(user)}\s+\(\s*\d+\)\s+count:(\d+)", text, re.M)
-    if m:
-        counts["user_rpcs"] = int(m.group(1))
-    for kind in ("REQUEST_JOB_INFO", "REQUEST_JOB_INFO_SINGLE", "REQUEST_JOB_USER_INFO"):
-        m = re.search(rf"^\s*{kind}\s+\(\s*\d+\)\s+count:(\d+)", text, re.M)
-        if m:
-            counts["job_info_rpcs"] += int(m.group(1))
-    return counts
+    from scripts.chaos.observe import parse_sdiag
+
+    return parse_sdiag(hook.run(["sdiag"]).stdout, user)
 
 
 def delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:

@@ -59,6 +59,24 @@ def slurm(*args: str, timeout: float = 30) -> str:
                           env={**os.environ, **SLURM_ENV}).stdout
 
 
+#: The RPC types squeue and its kin send: what a poller costs the controller.
+JOB_INFO_RPCS = ("REQUEST_JOB_INFO", "REQUEST_JOB_INFO_SINGLE", "REQUEST_JOB_USER_INFO")
+
+
+def parse_sdiag(text: str, user: str) -> dict[str, int]:
+    """``{"job_info_rpcs", "user_rpcs"}`` from ``sdiag`` output: the job-info RPCs the controller
+    served (any user) and every RPC of ``user``; counts since the controller's last reset."""
+    counts = {"user_rpcs": 0, "job_info_rpcs": 0}
+    m = re.search(rf"^\s*{re.escape(user)}\s+\(\s*\d+\)\s+count:(\d+)", text, re.M)
+    if m:
+        counts["user_rpcs"] = int(m.group(1))
+    for kind in JOB_INFO_RPCS:
+        m = re.search(rf"^\s*{kind}\s+\(\s*\d+\)\s+count:(\d+)", text, re.M)
+        if m:
+            counts["job_info_rpcs"] += int(m.group(1))
+    return counts
+
+
 def key_jobs(lines: Iterable[str], digest: str) -> dict[str, dict[str, Any]]:
     """``{job_id: {"name", "generation", "state", "submit", "end"}}`` for the
     ``JobID|JobName|State|Submit|End`` lines whose name carries the training key's ``digest``
