@@ -162,13 +162,14 @@ FAULTS: dict[str, Fault] = {f.name: f for f in (
           "stopped (no steps trained again), the task follows it on its first try.",
           outage=(1, 3)),
     Fault("stop-mlflow", "outage", "mlflow", ("register", "evaluate"),
-          "register fails while MLflow is down and is retried (retries=2, 30 s apart); the retry "
-          "finds the MLflow run by its run key: one run, one model version. The nightly "
+          "register fails while MLflow is down and is retried (4 retries, 15 s doubling to 2 min: "
+          "slurmflow.retries); the retry finds the MLflow run by its run key: one run, one model "
+          "version. The nightly "
           "evaluate_and_promote fails its try and its retry evaluates again: the decision is tagged "
           "once more with the same value and the alias moves at most once.",
           outage=(30.0, 120.0)),
     Fault("stop-mongo", "outage", "mongo", ("job-start", "catalog"),
-          "catalog fails while Mongo is down and is retried; the document is upserted by run key: "
+          "catalog fails while Mongo is down and is retried (as register); the document is upserted by run key: "
           "one document with the full history. A training that cannot read its data fails cleanly "
           "and the task's retry submits a new job once the first has ended (no overlap).",
           outage=(30.0, 120.0)),
