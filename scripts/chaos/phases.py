@@ -54,33 +54,40 @@ def detect_phase(tasks: TaskStates | None, run_state: str | None = None) -> str:
     return "before"
 
 
-def progressed(before: Sample, after: Sample) -> bool:
+def progressed(before: Sample, after: Sample, task: str | None = None) -> bool:
     """Whether the run moved forward between two samples: a task started (or retried and runs
     again), a task succeeded, the trigger logged (it started again, or streamed job lines), or
-    the run ended."""
+    the run ended. With ``task``, only that task's progress counts (or the run's end): a task
+    that runs beside it (reap beside register) says nothing of the victim's recovery."""
     if after.run_state in RUN_DONE:
         return True
     if before.tasks is None or after.tasks is None:
         return False
-    for task, (state, tries) in after.tasks.items():
-        old_state, old_tries = before.tasks.get(task, (None, 0))
+    for task_id, (state, tries) in after.tasks.items():
+        if task is not None and task_id != task:
+            continue
+        old_state, old_tries = before.tasks.get(task_id, (None, 0))
         if state in ACTIVE and (tries > old_tries or old_state not in ACTIVE):
             return True
         if state == "success" and old_state != "success":
             return True
+    if task not in (None, "train"):  # the trigger's records are the train task's
+        return False
     new, old = after.trigger_records, before.trigger_records
     return new is not None and old is not None and new > old
 
 
-def recovery_s(samples: Sequence[Sample], injected_at: float, fault_over_at: float) -> float | None:
+def recovery_s(samples: Sequence[Sample], injected_at: float, fault_over_at: float,
+               task: str | None = None) -> float | None:
     """Seconds from the injection to the first progress seen once the fault is over (the killed
     program restarted, the stopped one started again); ``None`` if the run never moved again.
+    ``task``: only its progress counts (:func:`progressed`), for a fault aimed at one task.
 
     Progress compares each sample with the previous *answered* one, so a gap while the API was
     down counts as one step.
     """
     answered = [s for s in samples if s.tasks is not None or s.run_state in RUN_DONE]
     for before, after in zip(answered, answered[1:], strict=False):
-        if after.t >= fault_over_at and progressed(before, after):
+        if after.t >= fault_over_at and progressed(before, after, task):
             return round(after.t - injected_at, 2)
     return None

@@ -91,8 +91,11 @@ class Trial:
             if injection.injected_at is not None:
                 record["fault_over_s"] = (round(injection.over_at - injection.injected_at, 2)
                                           if injection.over_at is not None else None)
+                # a killed task's recovery is its own retry, not a task that runs beside it
+                focus = self.spec.phase.task_id if self.spec.fault.kind == "kill_task" else None
                 record["recovery_s"] = recovery_s(self.samples, injection.injected_at,
-                                                  injection.over_at if injection.over_at is not None else 1e12)
+                                                  injection.over_at if injection.over_at is not None else 1e12,
+                                                  focus)
         record.update(self._outcome(run_id, key, started, end, conf))
         if self.second:
             other_id, other_started = self.second

@@ -160,6 +160,17 @@ def test_no_progress_means_no_recovery():
     assert progressed(samples[1], s(6, run="failed", train=("failed", 1)))  # the run ended
 
 
+def test_a_killed_tasks_recovery_is_its_own_retry_not_a_task_beside_it():
+    """Regression (kill-task at register): reap succeeded 0.02 s after register was killed and
+    counted as the recovery; register ran again on its second try 30 s later."""
+    samples = [Sample(0, {"register": ("running", 1), "reap": ("running", 1)}),
+               Sample(1, {"register": ("running", 1), "reap": ("success", 1)}),
+               Sample(30, {"register": ("up_for_retry", 1), "reap": ("success", 1)}),
+               Sample(61, {"register": ("running", 2), "reap": ("success", 1)}, trigger_records=9)]
+    assert recovery_s(samples, injected_at=0.5, fault_over_at=0.5) == 0.5
+    assert recovery_s(samples, injected_at=0.5, fault_over_at=0.5, task="register") == 60.5
+
+
 # --- lines, jobs, secrets --------------------------------------------------------------------------
 
 
