@@ -9,6 +9,7 @@ retried or re-run registration finds and reuses them instead of creating duplica
 from __future__ import annotations
 
 import functools
+import os
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -21,6 +22,8 @@ from airflow.sdk import BaseHook
 from slurmflow.secrets import mlflow_credentials
 
 RUN_KEY_TAG = "slurmflow.run_key"
+#: MLflow's retry backoff factor (not a secret: an environment variable MLflow reads per request).
+BACKOFF_ENV = "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"
 
 # --- credentials without os.environ ------------------------------------------------------------
 # MLflow's REST client (tracking, registry and artifact repositories alike) asks
@@ -118,6 +121,10 @@ class MlflowHook(BaseHook):
         """The tracking server's client; every call carries this connection's login."""
         import mlflow  # heavy: only when a task really talks to MLflow
 
+        # MLflow retries a refused request 7 times, 2 s doubling (backoff factor 2): after an
+        # outage the server is seen up to 2 min late (make chaos, stop-mlflow at register: 165 s).
+        # Factor 1 caps the gap at 64 s; a longer outage fails the try and SERVICE_RETRIES retry.
+        os.environ.setdefault(BACKOFF_ENV, "1")
         return ScopedClient(mlflow.MlflowClient(tracking_uri=self.tracking_uri), self._creds)
 
     def credentials(self):
