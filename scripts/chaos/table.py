@@ -162,11 +162,11 @@ FAULTS: dict[str, Fault] = {f.name: f for f in (
           "stopped (no steps trained again), the task follows it on its first try.",
           outage=(1, 3)),
     Fault("stop-mlflow", "outage", "mlflow", ("register", "evaluate"),
-          "register fails while MLflow is down and is retried (4 retries, 15 s doubling to 2 min: "
-          "slurmflow.retries); the retry finds the MLflow run by its run key: one run, one model "
-          "version. The nightly "
-          "evaluate_and_promote fails its try and its retry evaluates again: the decision is tagged "
-          "once more with the same value and the alias moves at most once.",
+          "register (and the nightly evaluate_and_promote) waits for MLflow inside its try: MLflow's "
+          "own request retries, 1 s doubling to 64 s, about 2 min in all; a longer outage fails the "
+          "try and it is retried (4 retries, 15 s doubling to 2 min: slurmflow.retries). A retried "
+          "register finds the MLflow run by its run key (one run, one model version); a retried "
+          "evaluation tags the same decision again and moves the alias at most once.",
           outage=(30.0, 120.0)),
     Fault("stop-mongo", "outage", "mongo", ("job-start", "catalog"),
           "catalog fails while Mongo is down and is retried (as register); the document is upserted by run key: "
