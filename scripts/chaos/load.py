@@ -236,13 +236,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"{args.runs} train_model runs and {len(backfilled)} backfilled sweeps triggered (tag {tag})", flush=True)
     deadline = t0 + args.timeout
     pending = set(runs)
-    while pending and time.time() < deadline:
-        time.sleep(10)
-        for dag_id, run_id in list(pending):
-            run = observe.answer(api.get, f"/dags/{dag_id}/dagRuns/{run_id}")
-            if run and run["state"] in ("success", "failed"):
-                pending.discard((dag_id, run_id))
-        print(f"  {time.time() - t0:5.0f} s: {len(pending)} run(s) going", flush=True)
+    try:
+        while pending and time.time() < deadline:
+            time.sleep(10)
+            for dag_id, run_id in list(pending):
+                run = observe.answer(api.get, f"/dags/{dag_id}/dagRuns/{run_id}")
+                if run and run["state"] in ("success", "failed"):
+                    pending.discard((dag_id, run_id))
+            print(f"  {time.time() - t0:5.0f} s: {len(pending)} run(s) going", flush=True)
+    except KeyboardInterrupt:  # stopped by hand: what ended so far is measured, the rest timed out
+        print("interrupted: the runs still going are recorded as timed out", flush=True)
     wall = time.time() - t0
     time.sleep(args.every * 2)  # and a tail after
     sampler.stop.set()
