@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--runs", type=int, default=50, help="train_model runs triggered at once (default 50)")
     ap.add_argument("--days", type=int, default=5, help="logical dates of the hparam_sweep backfill (default 5; 0: none)")
     ap.add_argument("--every", type=float, default=10.0, help="sampling interval, s (default 10)")
-    ap.add_argument("--timeout", type=float, default=3600, help="give up on runs not ended by then (s)")
+    ap.add_argument("--timeout", type=float, default=7200, help="give up on runs not ended by then (s, default 7200)")
     ap.add_argument("--smoke", action="store_true", help="4 runs and a 1-date backfill")
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--doc", type=Path, default=DOC)
