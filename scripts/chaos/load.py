@@ -148,6 +148,7 @@ def render(result: dict[str, Any]) -> str:
         "| figure | value |",
         "|---|---|",
         f"| runs that succeeded | {s['succeeded']} of {s['runs']} |",
+        f"| last run ended, s after the burst | {s.get('last_run_ended_s')} |",
         f"| Slurm jobs / duplicates | {s['slurm_jobs']} / {s['duplicate_jobs']} |",
         f"| deferred tasks (p50 / max) | {s['deferred']['p50']} / {s['deferred']['max']} |",
         f"| controller job-info RPCs per {p['every']:g} s (p50 / max) | {rpc['p50']} / {rpc['max']} |",
@@ -193,9 +194,10 @@ def run_records(api: AirflowAPI, runs: list[tuple[str, str]], since: float) -> l
     for dag_id, run_id in runs:
         digest = JobKey(dag_id, run_id, "train").digest
         jobs = observe.key_jobs(lines, digest)
-        state = api.get(f"/dags/{dag_id}/dagRuns/{run_id}")["state"]
-        out.append({"dag_id": dag_id, "run_id": run_id, "state": state, "training_key": digest,
-                    "slurm_jobs": sorted(jobs), "duplicate_job_ids": observe.duplicate_jobs(jobs)})
+        run = api.get(f"/dags/{dag_id}/dagRuns/{run_id}")
+        out.append({"dag_id": dag_id, "run_id": run_id, "state": run["state"], "end_date": run.get("end_date"),
+                    "training_key": digest, "slurm_jobs": sorted(jobs),
+                    "duplicate_job_ids": observe.duplicate_jobs(jobs)})
     return out
 
 
@@ -208,11 +210,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--smoke", action="store_true", help="4 runs and a 1-date backfill")
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--doc", type=Path, default=DOC)
+    ap.add_argument("--recheck", action="store_true",
+                    help="only look again at the runs of the results file (those that had not ended)")
     args = ap.parse_args(argv)
     if args.smoke:
         args.runs, args.days = 4, 1
     env = read_stack_env()
     api = AirflowAPI(env["AIRFLOW_URL"], env["AIRFLOW_USER"], env["AIRFLOW_PASSWORD"])
+    if args.recheck:
+        return recheck(api, args.results, args.doc)
     for dag_id in ("train_model", "hparam_sweep"):
         api.wait_for_dag(dag_id)
     tag = uuid.uuid4().hex[:6]
@@ -256,12 +262,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "params": {"runs": args.runs, "days": args.days, "every": args.every, "backfill": [first, last]},
               "summary": summarise(records, ivals, args.every), "timed_out": sorted(r for _, r in pending),
               "runs": records, "intervals": ivals}
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(json.dumps(result, indent=2) + "\n")
-    update_doc(args.doc, render(result))
+    return write(result, args.results, args.doc)
+
+
+def write(result: dict[str, Any], path: Path, doc: Path) -> dict[str, Any]:
+    """Save the results, render the doc's section, print the summary."""
+    ended = [dt.datetime.fromisoformat(r["end_date"]).timestamp() for r in result["runs"] if r.get("end_date")]
+    start = dt.datetime.fromisoformat(result["started_at"]).timestamp()
+    result["summary"]["last_run_ended_s"] = round(max(ended) - start, 1) if ended else None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    update_doc(doc, render(result))
     print(json.dumps(result["summary"], indent=2))
-    print(f"results in {args.results}, table in {args.doc}")
+    print(f"results in {path}, table in {doc}")
     return result
+
+
+def recheck(api: AirflowAPI, path: Path, doc: Path) -> dict[str, Any]:
+    """The runs of an earlier load run looked at again, for those still going when it stopped
+    waiting: states and Slurm jobs now; the sampled intervals stay those of the run."""
+    result = json.loads(path.read_text())
+    started = dt.datetime.fromisoformat(result["started_at"]).timestamp()
+    result["runs"] = run_records(api, [(r["dag_id"], r["run_id"]) for r in result["runs"]], started)
+    result["timed_out"] = sorted(r["run_id"] for r in result["runs"] if r["state"] not in ("success", "failed"))
+    result["summary"] = summarise(result["runs"], result["intervals"], result["params"]["every"])
+    result["rechecked_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    return write(result, path, doc)
 
 
 def held(result: dict[str, Any]) -> bool:
