@@ -21,17 +21,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from slurmflow.constants import XCOM_JOB_KEY, XCOM_LOG_OFFSETS  # noqa: F401 (re-exported)
 from slurmflow.states import JobState, SlurmState
 
 _SAFE_RE = re.compile(r"[^A-Za-z0-9_.-]+")
 _NAME_RE = re.compile(r"^(?P<prefix>[A-Za-z0-9_.-]*)\.(?P<digest>[0-9a-f]{12})\.g(?P<gen>\d+)$")
 #: How many earlier generations a lookup asks about (names go on one command line).
 MAX_LOOKBACK_GENERATIONS = 64
-
-#: XCom key of the job record the submit operator pushes (job id, paths, identity...).
-XCOM_JOB_KEY = "slurm_job"
-#: XCom key of the log bytes a trigger has delivered (where a restarted trigger resumes).
-XCOM_LOG_OFFSETS = "slurm_log_offsets"
 
 
 def safe_path_component(text: str, limit: int = 100) -> str:

@@ -14,41 +14,19 @@ import hashlib
 import os
 import re
 import stat
-import tarfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
-#: The Dockerfile's own ``ARG BASE_IMAGE`` default: what users get without a local base image.
-DEFAULT_BASE_IMAGE = "python:3.11-slim-bookworm"
+# DEFAULT_BASE_IMAGE: the Dockerfile's own ``ARG BASE_IMAGE`` default; DEFAULT_EXCLUDES: what is
+# never part of the image. Defined in slurmflow.constants (the operator needs them at DAG parse).
+from slurmflow.constants import DEFAULT_BASE_IMAGE, DEFAULT_EXCLUDES  # noqa: F401 (re-exported)
+
 #: Bumped when the hashing recipe changes, so old tags are never mistaken for new ones.
 HASH_SCHEME = "slurmflow-image-v1"
 #: Characters of the sha256 hex digest kept in the tag: 128 bits, well clear of collisions.
 TAG_HEX_CHARS = 32
-
-#: Never part of the image: caches, local runs, VCS data, tests. Matched against each path
-#: component (directories are pruned) and against the relative path.
-DEFAULT_EXCLUDES: tuple[str, ...] = (
-    ".git",
-    ".venv",
-    "__pycache__",
-    "*.pyc",
-    "*.pyo",
-    ".pytest_cache",
-    ".ruff_cache",
-    ".mypy_cache",
-    "*.egg-info",
-    "build",
-    "dist",
-    "tests",
-    "lightning_logs",
-    "mlruns",
-    "mlruns-offline",
-    "outputs",
-    ".ipynb_checkpoints",
-    ".DS_Store",
-)
 
 DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 # Docker's reference grammar, reduced to what we need: lowercase path components, a tag and/or digest.
@@ -291,6 +269,8 @@ def write_context_tar(root: Path | str, files: Iterable[str], out: BinaryIO) -> 
 
     :returns: the number of members written.
     """
+    import tarfile  # deferred: only builds need it, and DAG files import this module at parse time
+
     root = Path(root)
     count = 0
     with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:

@@ -18,7 +18,7 @@ from typing import Any
 
 from airflow.providers.common.compat.sdk import BaseOperatorLink, XCom
 
-from slurmflow.identity import XCOM_JOB_KEY
+from slurmflow.constants import XCOM_JOB_KEY
 
 
 class SlurmJobLink(BaseOperatorLink):

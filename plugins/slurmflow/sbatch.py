@@ -19,11 +19,11 @@ from typing import Any
 
 import jinja2
 
+from slurmflow.constants import DEFAULT_TEMPLATE  # noqa: F401 (re-exported)
 from slurmflow.paths import SECRETS_FILE_NAME, JobPaths, expand_log_path  # noqa: F401 (re-exported)
 
-#: Where the default template lives: <project>/include/sbatch/job.sh.j2 (Astro layout).
+#: Where the default template (DEFAULT_TEMPLATE, job.sh.j2) lives: <project>/include/sbatch/ (Astro layout).
 TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "include" / "sbatch"
-DEFAULT_TEMPLATE = "job.sh.j2"
 
 #: A shell variable name: the one rule for every variable a job exports or passes on.
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")

@@ -43,8 +43,6 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, quote_plus, urlencode, urlsplit
 
-from slurmflow.sbatch import validate_environment
-
 MLFLOW_USERNAME = "MLFLOW_TRACKING_USERNAME"
 MLFLOW_PASSWORD = "MLFLOW_TRACKING_PASSWORD"
 MONGO_URI = "MONGO_URI"
@@ -130,6 +128,9 @@ class JobSecrets:
     hidden: tuple[str, ...] = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
+        # deferred: DAG parsing needs SecretRefs from this module, not sbatch
+        from slurmflow.sbatch import validate_environment
+
         object.__setattr__(self, "environment", validate_environment(self.environment, "secret"))
 
     def __repr__(self) -> str:

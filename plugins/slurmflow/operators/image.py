@@ -9,12 +9,13 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.providers.common.compat.sdk import BaseOperator
 
-from slurmflow.images import DEFAULT_BASE_IMAGE, DEFAULT_EXCLUDES, BuildContext, code_version, source_revision
+from slurmflow.constants import DEFAULT_BASE_IMAGE, DEFAULT_EXCLUDES
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
     from slurmflow.hooks.image import ImageBuildHook
+    from slurmflow.images import BuildContext
 
 #: The project folder (Astro layout: plugins/, docker/, training/ side by side).
 PROJECT_ROOT = Path(__file__).resolve().parents[3]
@@ -109,6 +110,8 @@ class BuildImageOperator(BaseOperator):
         return ImageBuildHook(self.registry_conn_id, self.docker_url)
 
     def build_context(self) -> BuildContext:
+        from slurmflow.images import BuildContext  # deferred: images is not needed to parse a DAG
+
         return BuildContext(
             root=Path(self.context_dir),
             dockerfile=self.dockerfile,
@@ -119,6 +122,8 @@ class BuildImageOperator(BaseOperator):
         )
 
     def execute(self, context: Context) -> str:
+        from slurmflow.images import code_version, source_revision  # deferred: run time only
+
         revision = source_revision(self.context_dir)
         labels = {k: str(v) for k, v in self.labels.items()}
         if revision["git_sha"]:

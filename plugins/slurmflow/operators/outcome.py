@@ -6,24 +6,30 @@ Shared by the submit operator and the sensor, in both deferrable and blocking mo
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from airflow.providers.common.compat.sdk import AirflowException, AirflowFailException
 
-from slurmflow.states import SlurmState
-from slurmflow.status import JobSnapshot
+# DEFAULT_RETRY_STATES = NODE_FAIL, BOOT_FAIL, PREEMPTED: the terminal states that earn an Airflow
+# retry by default: the job did nothing wrong, the machine did (a FAILED / TIMEOUT / OUT_OF_MEMORY
+# job would fail the same way again). PREEMPTED here is a preemption that ended the job
+# (PreemptMode=CANCEL, or not requeueable); one that Slurm requeued never ends the wait: the task
+# follows the same job id. Kept in slurmflow.constants: every operator needs it at DAG parse.
+from slurmflow.constants import DEFAULT_RETRY_STATES
 
-#: Terminal states that earn an Airflow retry by default: the job did nothing wrong, the
-#: machine did (a FAILED / TIMEOUT / OUT_OF_MEMORY job would fail the same way again).
-#: PREEMPTED here is a preemption that ended the job (PreemptMode=CANCEL, or not requeueable);
-#: one that Slurm requeued never ends the wait: the task follows the same job id.
-DEFAULT_RETRY_STATES: frozenset[str] = frozenset(
-    {SlurmState.NODE_FAIL.value, SlurmState.BOOT_FAIL.value, SlurmState.PREEMPTED.value}
-)
+if TYPE_CHECKING:  # annotations only: states and status (commands, parsing) stay out of DAG parsing
+    from slurmflow.states import SlurmState
+    from slurmflow.status import JobSnapshot
 
 
 def normalize_states(states: Collection[str | SlurmState] | None) -> frozenset[str]:
     """Validate a set of state names (``"node_fail"``, ``SlurmState.TIMEOUT``...)."""
+    if states is DEFAULT_RETRY_STATES:
+        # The default is valid (tests/unit checks it): every operator's __init__ runs this at DAG
+        # parse, which then needs no states module.
+        return DEFAULT_RETRY_STATES
+    from slurmflow.states import SlurmState
+
     result = set()
     for state in states or ():
         value = state.value if isinstance(state, SlurmState) else str(state).strip().upper()

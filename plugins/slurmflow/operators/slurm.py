@@ -10,33 +10,25 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.providers.common.compat.sdk import AirflowException, AirflowFailException, BaseOperator
 
+# Only what defining and constructing the operator needs is imported here: DAG files import this
+# module at parse time. The hook (SSH), the trigger, the wait engine, the job identity, sbatch
+# rendering and parsing are imported where they are used, at run time.
+from slurmflow.constants import DEFAULT_RETRY_STATES, DEFAULT_TEMPLATE, XCOM_JOB_KEY
 from slurmflow.errors import SlurmError, SlurmSubmitError
-from slurmflow.hooks.slurm import SlurmHook
-from slurmflow.identity import XCOM_JOB_KEY, JobIdentity, JobKey, generation_of
 from slurmflow.links import SlurmJobLink, job_url
-from slurmflow.operators.outcome import (
-    DEFAULT_RETRY_STATES,
-    normalize_states,
-    raise_for_failure,
-    result_dict,
-)
-from slurmflow.operators.waiting import BlockingWaiter
-from slurmflow.parsing import SlurmParseError, expand_array_indices
-from slurmflow.paths import JobPaths
-from slurmflow.sbatch import (
-    DEFAULT_TEMPLATE,
-    SbatchOptionError,
-    SbatchScript,
-    build_script,
-    render_script,
-)
+from slurmflow.operators.outcome import normalize_states, raise_for_failure, result_dict
 from slurmflow.secrets import JobSecrets, SecretRefs, gather
-from slurmflow.status import JobSnapshot
-from slurmflow.triggers.slurm import SlurmJobTrigger
-from slurmflow.wait import WaitEvent, WaitSettings
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
+
+    from slurmflow.hooks.slurm import SlurmHook
+    from slurmflow.identity import JobIdentity
+    from slurmflow.paths import JobPaths
+    from slurmflow.sbatch import SbatchScript
+    from slurmflow.status import JobSnapshot
+    from slurmflow.triggers.slurm import SlurmJobTrigger
+    from slurmflow.wait import WaitEvent, WaitSettings
 
 
 class SlurmSubmitJobOperator(BaseOperator):
@@ -185,6 +177,8 @@ class SlurmSubmitJobOperator(BaseOperator):
 
     @cached_property
     def hook(self) -> SlurmHook:
+        from slurmflow.hooks.slurm import SlurmHook  # deferred: SSH stack, not needed to parse
+
         return SlurmHook(self.slurm_conn_id, job_root=self.job_root)
 
     # --- rendering ----------------------------------------------------------------------------
@@ -207,6 +201,9 @@ class SlurmSubmitJobOperator(BaseOperator):
             raise AirflowFailException(f"invalid secrets for task {self.task_id}: {exc}") from exc
 
     def _prepare(self, context: Context) -> SbatchScript:
+        from slurmflow.identity import JobIdentity, JobKey, generation_of  # deferred: run time only
+        from slurmflow.sbatch import render_script
+
         ti = context["ti"]
         map_index = getattr(ti, "map_index", -1)
         self._identity = JobIdentity(
@@ -223,6 +220,8 @@ class SlurmSubmitJobOperator(BaseOperator):
 
         :raises AirflowFailException: an option, value or variable name is invalid.
         """
+        from slurmflow.sbatch import SbatchOptionError, build_script  # deferred: run time only
+
         try:
             return build_script(
                 command=self.command,
@@ -246,6 +245,9 @@ class SlurmSubmitJobOperator(BaseOperator):
     def preview_script(self, run_id: str = "dry_run") -> str:
         """The sbatch script this task would submit, without a run context or a connection
         (placeholder run id; ``/JOB_ROOT`` unless ``job_root`` is set). Templates are not rendered."""
+        from slurmflow.identity import JobIdentity, JobKey  # deferred: run time only
+        from slurmflow.sbatch import render_script
+
         ident = JobIdentity(JobKey(self.dag_id, run_id, self.task_id))
         script = self.build(ident.job_dir(self.job_root or "/JOB_ROOT"), ident.job_name, ident.comment)
         return render_script(script, template=self.template, template_dir=self.template_dir)
@@ -257,6 +259,8 @@ class SlurmSubmitJobOperator(BaseOperator):
     # --- execution ----------------------------------------------------------------------------
 
     def execute(self, context: Context) -> dict[str, Any] | None:
+        from slurmflow.parsing import SlurmParseError  # deferred: run time only
+
         script = self._script or self._prepare(context)
         ident = self._identity
         assert ident is not None
@@ -289,6 +293,8 @@ class SlurmSubmitJobOperator(BaseOperator):
         return self._wait_blocking(job, context)
 
     def _job_record(self, script: SbatchScript, job_id: str, action: str) -> dict[str, Any]:
+        from slurmflow.parsing import expand_array_indices  # deferred: run time only
+
         tasks = expand_array_indices(script.options["array"]) if script.is_array else []
         user = str(getattr(self.hook.ssh_hook, "username", "") or "")
         paths = script.paths(user)
@@ -327,6 +333,8 @@ class SlurmSubmitJobOperator(BaseOperator):
         return time.time() + seconds
 
     def _wait_settings(self, job: Mapping[str, Any]) -> WaitSettings:
+        from slurmflow.wait import WaitSettings  # deferred: run time only
+
         return WaitSettings(
             poll_interval=self.poll_interval,
             max_poll_interval=self.max_poll_interval,
@@ -339,12 +347,16 @@ class SlurmSubmitJobOperator(BaseOperator):
 
     @staticmethod
     def _paths(job: Mapping[str, Any]) -> JobPaths:
+        from slurmflow.paths import JobPaths  # deferred: run time only
+
         if job.get("paths"):
             return JobPaths.from_dict(job["paths"])
         # a record pushed before the paths were recorded (a task resumed across an upgrade)
         return JobPaths(job["job_dir"], job["log_pattern"], job.get("user", ""), job["job_name"])
 
     def _trigger(self, job: Mapping[str, Any]) -> SlurmJobTrigger:
+        from slurmflow.triggers.slurm import SlurmJobTrigger  # deferred: poller, asyncio, triggers.base
+
         return SlurmJobTrigger(
             job_id=job["job_id"],
             slurm_conn_id=self.slurm_conn_id,
@@ -356,6 +368,8 @@ class SlurmSubmitJobOperator(BaseOperator):
         )
 
     def _wait_blocking(self, job: Mapping[str, Any], context: Context) -> dict[str, Any] | None:
+        from slurmflow.operators.waiting import BlockingWaiter  # deferred: the wait engine and hook
+
         waiter = BlockingWaiter(
             hook=self.hook,
             job_id=job["job_id"],
@@ -368,6 +382,8 @@ class SlurmSubmitJobOperator(BaseOperator):
 
     def execute_complete(self, context: Context, event: dict[str, Any], job: dict[str, Any]) -> dict[str, Any] | None:
         """Resume after the trigger fired: success, failure, timeout, missing or error."""
+        from slurmflow.wait import WaitEvent  # deferred: run time only
+
         self._job_id = job["job_id"]
         try:
             parsed = WaitEvent.from_payload(event)
@@ -423,6 +439,8 @@ class SlurmSubmitJobOperator(BaseOperator):
     # --- cancellation -------------------------------------------------------------------------
 
     def _cancel_quietly(self, job_id: str) -> None:
+        from slurmflow.parsing import SlurmParseError  # deferred: run time only
+
         try:
             self.hook.cancel([job_id])
             self.log.warning("Cancelled Slurm job %s", job_id)
@@ -432,6 +450,8 @@ class SlurmSubmitJobOperator(BaseOperator):
     def on_kill(self) -> None:
         """The task was killed while waiting on the worker (blocking mode, or during submission):
         scancel its job. Without a job id yet, the key lookup finds it."""
+        from slurmflow.parsing import SlurmParseError  # deferred: run time only
+
         if self._job_id:
             self._cancel_quietly(self._job_id)
             return

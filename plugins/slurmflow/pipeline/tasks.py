@@ -10,19 +10,24 @@ import logging
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from airflow.providers.common.compat.sdk import AirflowFailException
 from airflow.providers.standard.decorators.python import _PythonDecoratedOperator
 from airflow.sdk import BaseHook, Variable, get_current_context, task
 from airflow.sdk.bases.decorator import task_decorator_factory
 
-from slurmflow.identity import XCOM_JOB_KEY, JobIdentity, JobKey, generation_of
+# DAG files import this module at parse time: only what defines the steps is imported here. What
+# the steps use when they run (hooks, identity, jobs, sbatch, results...) is imported inside them.
+from slurmflow.constants import XCOM_JOB_KEY
 from slurmflow.links import MlflowModelLink, MlflowRunLink
 from slurmflow.operators.slurm import SlurmSubmitJobOperator
-from slurmflow.pipeline.jobs import Site, sbatch_options, training_job
 from slurmflow.retries import SERVICE_RETRIES
 from slurmflow.secrets import SecretRefs, gather
+
+if TYPE_CHECKING:
+    from slurmflow.identity import JobIdentity
+    from slurmflow.pipeline.jobs import Site
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +42,8 @@ def identity_of(job: dict[str, Any] | None, context: dict[str, Any], train_task:
     then records under the train task's key in its *own* generation, since a clear of train
     clears its downstream steps with it. Steps that need a job use ``JobIdentity.from_dict``.
     """
+    from slurmflow.identity import JobIdentity, JobKey, generation_of
+
     if job and job.get("identity"):
         return JobIdentity.from_dict(job["identity"])
     ti = context["ti"]
@@ -66,6 +73,8 @@ def mlflow_task(**kwargs: Any):
 def site_settings(home: str | None = None) -> Site:
     """The cluster's settings from Airflow Variables (read at run time)."""
     import json
+
+    from slurmflow.pipeline.jobs import Site
 
     mlflow = BaseHook.get_connection("mlflow_default")
     return Site(
@@ -132,6 +141,7 @@ def reap(train_task: str = "train") -> str:
 def preflight() -> str:
     """``sbatch --test-only`` with the run's resources: a bad partition/account/QOS fails here,
     before an image is built or anything is queued."""
+    from slurmflow.pipeline.jobs import sbatch_options
     from slurmflow.sbatch import build_script, render_script
 
     params = get_current_context()["params"]
@@ -164,6 +174,8 @@ def job_spec(image: str, overrides: dict[str, Any] | None = None) -> dict[str, A
 
     :param overrides: Param values the DAG fixes (templated, e.g. the nightly data window).
     """
+    from slurmflow.pipeline.jobs import training_job
+
     params = {**get_current_context()["params"], **(overrides or {})}
     hook = _slurm_hook()
     _stage_registry_auth(hook)
@@ -185,7 +197,7 @@ def plan_trials() -> list[dict[str, Any]]:
 @task(task_id="job_spec")
 def sweep_job_spec(image: str, trials: list[dict[str, Any]], overrides: dict[str, Any] | None = None) -> dict:
     """One job array for all trials, throttled to ``max_parallel`` running at once."""
-    from slurmflow.pipeline.jobs import container_options
+    from slurmflow.pipeline.jobs import container_options, sbatch_options
     from slurmflow.pipeline.sweep import array_command, array_spec
 
     params = {**get_current_context()["params"], **(overrides or {})}
@@ -203,6 +215,7 @@ def sweep_job_spec(image: str, trials: list[dict[str, Any]], overrides: dict[str
 @mlflow_task(task_id="register", **SERVICE_RETRIES)
 def register(job: dict[str, Any], image: str) -> dict[str, Any]:
     """Copy the results off the cluster, then log + register them in MLflow (idempotent)."""
+    from slurmflow.identity import JobIdentity
     from slurmflow.pipeline.results import collect
     from slurmflow.pipeline.results import register as register_run
 
@@ -235,6 +248,7 @@ def register_sweep(job: dict[str, Any], image: str, trials: list[dict[str, Any]]
     import json
 
     from slurmflow.hooks.mlflow import MlflowHook
+    from slurmflow.identity import JobIdentity
     from slurmflow.pipeline.results import collect, ensure_model_logged
     from slurmflow.pipeline.results import register as register_run
     from slurmflow.pipeline.sweep import best_trial, plot_trials
