@@ -190,8 +190,6 @@ FAULTS: dict[str, Fault] = {f.name: f for f in (
 NOT_COVERED: tuple[str, ...] = (
     "two runs at once and a clear at every phase (second-run is tried at submit, deferred and "
     "register; clear at the deferred wait)",
-    "the load test: 50 train_model runs at once plus a 5-date hparam_sweep backfill, Slurm queries "
-    "per interval, triggerer CPU and RSS (not built yet)",
 )
 
 
