@@ -44,7 +44,7 @@ from tests.conftest import read_stack_env  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "load.json"
 DOC = REPO / "docs" / "RELIABILITY.md"
-BEGIN = "<!-- load:generated:begin (python -m scripts.chaos.load --render; do not edit by hand) -->"
+BEGIN = "<!-- load:generated:begin (python -m scripts.chaos.load; do not edit by hand) -->"
 END = "<!-- load:generated:end -->"
 TRAIN_CONF = {"max_epochs": 2}
 SWEEP_CONF = {"search_space": {"lr": [0.003, 0.01]}, "max_epochs": 1}
