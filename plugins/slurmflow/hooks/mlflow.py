@@ -105,6 +105,11 @@ class MlflowHook(BaseHook):
     def __init__(self, mlflow_conn_id: str = default_conn_name) -> None:
         super().__init__()
         self.mlflow_conn_id = mlflow_conn_id
+        # MLflow retries a refused request 7 times, 2 s doubling (backoff factor 2): after an
+        # outage the server is seen up to 2 min late (make chaos, stop-mlflow at register: 165 s).
+        # Factor 1 caps the gap at 64 s; a longer outage fails the try and SERVICE_RETRIES retry.
+        # Set here, before any request: also the clients MLflow code builds itself (credentials()).
+        os.environ.setdefault(BACKOFF_ENV, "1")
 
     @cached_property
     def tracking_uri(self) -> str:
@@ -121,10 +126,6 @@ class MlflowHook(BaseHook):
         """The tracking server's client; every call carries this connection's login."""
         import mlflow  # heavy: only when a task really talks to MLflow
 
-        # MLflow retries a refused request 7 times, 2 s doubling (backoff factor 2): after an
-        # outage the server is seen up to 2 min late (make chaos, stop-mlflow at register: 165 s).
-        # Factor 1 caps the gap at 64 s; a longer outage fails the try and SERVICE_RETRIES retry.
-        os.environ.setdefault(BACKOFF_ENV, "1")
         return ScopedClient(mlflow.MlflowClient(tracking_uri=self.tracking_uri), self._creds)
 
     def credentials(self):
