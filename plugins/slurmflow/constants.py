@@ -17,8 +17,11 @@ XCOM_LOG_OFFSETS = "slurm_log_offsets"
 #: The sbatch template of :mod:`slurmflow.sbatch`, in ``include/sbatch/``.
 DEFAULT_TEMPLATE = "job.sh.j2"
 
-#: Terminal Slurm states that earn an Airflow retry by default (``SlurmState`` values; see
-#: :mod:`slurmflow.operators.outcome`, a test checks they are valid states).
+#: Terminal Slurm states that earn an Airflow retry by default (``SlurmState`` values, checked by
+#: a test): the job did nothing wrong, the machine did (a FAILED / TIMEOUT / OUT_OF_MEMORY job
+#: would fail the same way again). PREEMPTED is a preemption that ended the job (PreemptMode=
+#: CANCEL, or not requeueable); one that Slurm requeued never ends the wait: the task follows
+#: the same job id. Used by :mod:`slurmflow.operators.outcome`.
 DEFAULT_RETRY_STATES: frozenset[str] = frozenset({"NODE_FAIL", "BOOT_FAIL", "PREEMPTED"})
 
 #: The Dockerfile's own ``ARG BASE_IMAGE`` default: what users get without a local base image.

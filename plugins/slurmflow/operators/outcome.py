@@ -10,11 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.providers.common.compat.sdk import AirflowException, AirflowFailException
 
-# DEFAULT_RETRY_STATES = NODE_FAIL, BOOT_FAIL, PREEMPTED: the terminal states that earn an Airflow
-# retry by default: the job did nothing wrong, the machine did (a FAILED / TIMEOUT / OUT_OF_MEMORY
-# job would fail the same way again). PREEMPTED here is a preemption that ended the job
-# (PreemptMode=CANCEL, or not requeueable); one that Slurm requeued never ends the wait: the task
-# follows the same job id. Kept in slurmflow.constants: every operator needs it at DAG parse.
+# The states that earn a retry by default (why: see slurmflow.constants, where every operator
+# reads them at DAG parse).
 from slurmflow.constants import DEFAULT_RETRY_STATES
 
 if TYPE_CHECKING:  # annotations only: states and status (commands, parsing) stay out of DAG parsing
