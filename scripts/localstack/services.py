@@ -46,8 +46,13 @@ def slurm_daemon_env() -> dict[str, str]:
     ``make up`` restarts both daemons (partitions, PreemptType and AuthInfo need a restart, not
     only ``scontrol reconfigure``). Running jobs survive: their slurmstepd are not children of slurmd.
     """
-    version = hashlib.sha256((TEMPLATES / "slurm.conf").read_bytes()).hexdigest()[:16]
-    return {**SLURM_ENV, "SLURMFLOW_SLURM_CONF_VERSION": version}
+    return {**SLURM_ENV, "SLURMFLOW_SLURM_CONF_VERSION": template_version("slurm.conf")}
+
+
+def template_version(name: str) -> str:
+    """Hash of a config template in ``include/stack``: in a program's environment, it makes an
+    edit of the template a changed program configuration, which ``make up`` restarts."""
+    return hashlib.sha256((TEMPLATES / name).read_bytes()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -195,7 +200,8 @@ def services() -> list[Service]:
                 env={"MLFLOW_BACKEND_STORE_URI": mlflow_db,
                      "MLFLOW_AUTH_CONFIG_PATH": str(STACK / "mlflow" / "auth.ini"),
                      "MLFLOW_FLASK_SERVER_SECRET_KEY": s["MLFLOW_FLASK_SECRET_KEY"],
-                     "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+                     "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+                     "SLURMFLOW_MLFLOW_AUTH_VERSION": template_version("mlflow_auth.ini")},
                 health=lambda: _http("http://127.0.0.1:5001/health")),
         Service("slurmctld", ["/usr/sbin/slurmctld", "-D", "-i"], wave=3, port=6817, env=slurm_daemon_env(),
                 health=lambda: _run(["scontrol", "ping"], SLURM_ENV)),
