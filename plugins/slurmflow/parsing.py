@@ -136,6 +136,16 @@ def parse_duration(text: str | None) -> int | None:
 
     Blank, ``INVALID``, ``UNLIMITED`` and ``N/A`` give ``None``.
     """
+    seconds = parse_duration_exact(text)
+    return None if seconds is None else int(seconds)
+
+
+def parse_duration_exact(text: str | None) -> float | None:
+    """Like :func:`parse_duration`, keeping the fraction (``00:02.047`` -> ``2.047``).
+
+    sacct's ``TotalCPU`` of a short job is mostly milliseconds: truncating it would make a
+    2-second job's CPU efficiency wrong by half.
+    """
     if text is None:
         return None
     raw = text.strip()
@@ -157,7 +167,7 @@ def parse_duration(text: str | None) -> int | None:
     while len(numbers) < 3:
         numbers.insert(0, 0.0)
     hours, minutes, seconds = numbers
-    return int(days * 86400 + hours * 3600 + minutes * 60 + seconds)
+    return days * 86400 + hours * 3600 + minutes * 60 + seconds
 
 
 def _expand_record(record: JobRecord, raw_id: str) -> list[JobRecord]:
