@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 
 from slurmflow.parsing import SACCT_FIELDS, SQUEUE_FIELDS, split_job_id
 from slurmflow.states import SlurmState
+from slurmflow.usage import USAGE_FIELDS
 
 #: States squeue is asked for when looking for a *live* job with our name (PREEMPTED is not one:
 #: the controller shows it only for a preempted job it did not requeue).
@@ -98,6 +99,19 @@ def sacct_by_name(names: Sequence[str], since: str = "now-30days") -> list[str]:
         f"--starttime={since}",
         f"--name={','.join(names)}",
         f"--format={','.join(SACCT_FIELDS)}",
+    ]
+
+
+def sacct_usage(job_ids: Iterable[str]) -> list[str]:
+    """sacct for what jobs used (:mod:`slurmflow.usage`): job and step lines, one job line per
+    run of a requeued job (every run used the cluster)."""
+    return [
+        "sacct",
+        "--noheader",
+        "--parsable2",
+        "--duplicates",
+        f"--jobs={_ids(job_ids)}",
+        f"--format={','.join(USAGE_FIELDS)}",
     ]
 
 

@@ -43,6 +43,7 @@ from slurmflow.status import (
     run_async,
     run_sync,
 )
+from slurmflow.usage import JobUsage, parse_usage
 
 #: sbatch errors that say "the controller did not answer", not "your job is wrong": the job
 #: may or may not exist, so look it up before trying again.
@@ -308,6 +309,22 @@ class SlurmHook(BaseHook):
         """Every job of ``key`` (this and earlier generations) that squeue or sacct knows."""
         names = key.candidate_names(generation)
         return run_sync(lookup_key(names, since=self.lookup_since, accounting=self.accounting), self.run)
+
+    def usage(self, job_ids: Sequence[str]) -> dict[str, JobUsage]:
+        """What jobs used, from accounting, in one ``sacct`` for all of them.
+
+        An array's id gives every task that started (``123_0``, ``123_1``...; fold them with
+        :func:`slurmflow.usage.summarize`); a job accounting does not know is simply absent.
+        Accounting lags the controller by a moment after a job ends: check
+        :attr:`JobUsage.state` before taking the figures as final.
+
+        :param job_ids: job ids, array ids or array task ids (``123_4``).
+        :return: per job id as Slurm prints it (``123``, ``123_4``).
+        :raises SlurmCommandError: sacct failed (e.g. accounting storage is disabled).
+        """
+        if not job_ids:
+            return {}
+        return parse_usage(self.check(commands.sacct_usage(job_ids)))
 
     def cancel(self, job_ids: Sequence[str], signal: str | None = None) -> None:
         """``scancel``; cancelling a job that already ended is not an error."""
