@@ -136,6 +136,28 @@ def sbatch_test_only(script_path: str) -> list[str]:
     return ["sbatch", "--test-only", script_path]
 
 
+def scontrol_show_config() -> list[str]:
+    """The controller's configuration (``MaxArraySize``, ``MaxJobCount``...), one ``Key = Value`` a line."""
+    return ["scontrol", "show", "config"]
+
+
+def pack_subdir_files(root: str, subdir_glob: str, names: Sequence[str]) -> str:
+    """A gzipped tar on stdout of ``<root>/<subdir_glob>/<name>`` for every name that exists
+    (a name may be a directory: it comes whole). One round trip for any number of subdirectories,
+    where SFTP takes several per file.
+
+    ``find`` does the matching (no shell globbing of our values, which are quoted); a missing
+    file is simply not in the archive.
+    """
+    if not names:
+        raise ValueError("no file names given")
+    tests: list[str] = []
+    for name in names:
+        tests += (["-o"] if tests else []) + ["-path", f"./{subdir_glob}/{name}"]
+    find = to_shell(["find", ".", "-mindepth", "2", "-maxdepth", "2", "(", *tests, ")", "-print0"])
+    return f"cd {shlex.quote(root)} && {find} | tar --null -T - -czf -"
+
+
 def mkdir(*paths: str) -> list[str]:
     # Only the last components get 700; parents keep the user's umask (they hold no secrets).
     return ["mkdir", "-p", "-m", "700", "--", *paths]

@@ -402,6 +402,18 @@ def parse_scontrol_jobs(text: str) -> list[JobRecord]:
 _SBATCH_PARSABLE_RE = re.compile(r"^(\d+)(?:;([\w.-]+))?$")
 
 
+def parse_config_value(text: str, key: str) -> str:
+    """One value of ``scontrol show config`` output (``MaxArraySize             = 1001``).
+
+    :raises SlurmParseError: the key is not there.
+    """
+    for line in text.splitlines():
+        name, sep, value = line.partition("=")
+        if sep and name.strip() == key:
+            return value.strip()
+    raise SlurmParseError(f"{key} is not in the output of scontrol show config")
+
+
 def parse_sbatch_parsable(text: str) -> str:
     """The job id from ``sbatch --parsable`` (``123`` or ``123;cluster``).
 

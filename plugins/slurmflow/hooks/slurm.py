@@ -280,6 +280,31 @@ class SlurmHook(BaseHook):
             raise SlurmConnectionError(f"SFTP download of {remote} from {self.address} failed: {exc}") from exc
         return True
 
+    def download_subdir_files(self, root: str, subdir_glob: str, names: Sequence[str], local: Path) -> list[Path]:
+        """Copy ``<root>/<subdir_glob>/<name>`` (files or folders) into ``local``, keeping the
+        layout, in one round trip (a tar stream over the SSH channel); missing ones are skipped.
+
+        :return: the local paths of the subdirectories that had at least one of the names.
+        :raises SlurmCommandError: ``root`` is missing or the archive could not be made.
+        """
+        import tarfile
+
+        status, out, err = self.exec_bytes(commands.pack_subdir_files(root, subdir_glob, names))
+        if status != 0:
+            raise SlurmCommandError("tar", status, err.decode("utf-8", "replace"))
+        local.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(fileobj=io.BytesIO(out), mode="r:gz") as archive:
+            members = archive.getmembers()
+            # "data" refuses absolute paths, links out of the tree and device files
+            archive.extractall(local, filter="data")
+        return sorted({local / Path(m.name).parts[0] for m in members if len(Path(m.name).parts) > 1})
+
+    def max_array_size(self) -> int:
+        """The controller's ``MaxArraySize`` (array indices must stay below it)."""
+        from slurmflow.parsing import parse_config_value
+
+        return int(parse_config_value(self.check(commands.scontrol_show_config()), "MaxArraySize"))
+
     def remove(self, path: str) -> None:
         """Delete one file (``rm -f``); directories are left alone (see :meth:`remove_tree`)."""
         self.run(["rm", "-f", "--", path])
