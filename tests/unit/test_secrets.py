@@ -160,8 +160,11 @@ def test_scoped_client_authenticates_each_call_without_the_environment(monkeypat
     assert credentials.get_default_host_creds("http://x").username is None
     with basic_auth(("bob", "pw-bob-123")):
         assert credentials.read_mlflow_creds() == ("bob", "pw-bob-123")
-        with basic_auth(("carol", "pw-carol-1")):  # nested: innermost wins, then restored
-            assert credentials.read_mlflow_creds().username == "carol"
+        with basic_auth(("bob", "pw-bob-123")):  # nested with the same login: fine
+            assert credentials.read_mlflow_creds().username == "bob"
+        # another login inside would wait for itself: refused instead of a deadlock
+        with pytest.raises(RuntimeError, match="two different logins"), basic_auth(("carol", "pw-carol-1")):
+            pass
         assert credentials.read_mlflow_creds().username == "bob"
     assert credentials.read_mlflow_creds().username is None
 
@@ -184,6 +187,21 @@ def test_calls_with_different_logins_take_turns():
     with ThreadPoolExecutor(2) as pool:
         ra, rb = pool.submit(call, a), pool.submit(call, b)
         assert set(ra.result()) == {"alice"} and set(rb.result()) == {"bob"}
+
+
+def test_calls_with_the_same_login_run_side_by_side():
+    """A sweep registers its trials from a thread pool: one login must not serialise them."""
+    inside, gate = [], threading.Barrier(4, timeout=10)
+
+    class Meeting(FakeMlflowClient):
+        def whoami(self):
+            gate.wait()  # all four calls are inside basic_auth at once, or this times out
+            inside.append(super().whoami())
+            return inside[-1]
+
+    client = ScopedClient(Meeting(), ("alice", "pw-alice-1"))
+    with ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(lambda _: client.whoami(), range(4))) == ["alice"] * 4
 
 
 # --- the operator and the trigger: values in the secrets file only, references in the trigger ------

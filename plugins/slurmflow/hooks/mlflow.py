@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -22,6 +23,7 @@ from airflow.sdk import BaseHook
 from slurmflow.secrets import mlflow_credentials
 
 RUN_KEY_TAG = "slurmflow.run_key"
+_RUN_ID_RE = re.compile(r"^[0-9a-zA-Z_-]{1,64}$")  # what may go into a search filter unescaped
 #: MLflow's retry backoff factor (not a secret: an environment variable MLflow reads per request).
 BACKOFF_ENV = "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"
 
@@ -30,11 +32,14 @@ BACKOFF_ENV = "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"
 # mlflow.utils.credentials.read_mlflow_creds() for basic-auth credentials on every request, and
 # that reads the process environment. Instead of writing the password there (inherited by every
 # child process, left behind after the task), read_mlflow_creds is wrapped once to answer with
-# the credentials of the client call in progress. The lock makes calls with different
-# credentials take turns; a plain global, not a context variable, because MLflow moves artifact
-# transfers to its own thread pool, whose threads must see the credentials of the call too.
-_auth_lock = threading.RLock()
+# the credentials of the client calls in progress. A plain global, not a context variable,
+# because MLflow moves artifact transfers to its own thread pool, whose threads must see the
+# credentials of the call too. Calls with the *same* credentials run side by side (a sweep
+# registers its trials from a thread pool); calls with other credentials wait their turn.
+_auth_turn = threading.Condition()
 _active_creds: tuple[str, str] | None = None
+_holders = 0
+_held = threading.local()  # this thread's credentials and depth, to refuse a deadlocking nest
 
 
 def _install_reader() -> None:
@@ -55,18 +60,37 @@ def _install_reader() -> None:
 @contextmanager
 def basic_auth(creds: tuple[str, str] | None) -> Iterator[None]:
     """MLflow clients in this block authenticate with ``creds`` (``(login, password)``; None:
-    MLflow's own defaults). Nothing is written to ``os.environ``."""
-    global _active_creds
+    MLflow's own defaults). Nothing is written to ``os.environ``.
+
+    Blocks with equal credentials may run at once in several threads; a block with other
+    credentials waits until none of those is left.
+
+    :raises RuntimeError: this thread is already inside a block with other credentials.
+    """
+    global _active_creds, _holders
     if creds is None:
         yield
         return
     _install_reader()
-    with _auth_lock:
-        saved, _active_creds = _active_creds, creds
-        try:
-            yield
-        finally:
-            _active_creds = saved
+    mine = getattr(_held, "creds", None)
+    if mine is not None and mine != creds:
+        raise RuntimeError("nested MLflow calls with two different logins in one thread")
+    with _auth_turn:
+        while _holders and _active_creds != creds:
+            _auth_turn.wait()
+        _active_creds, _holders = creds, _holders + 1
+    _held.creds, _held.depth = creds, getattr(_held, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _held.depth -= 1
+        if not _held.depth:
+            _held.creds = None
+        with _auth_turn:
+            _holders -= 1
+            if not _holders:
+                _active_creds = None
+                _auth_turn.notify_all()
 
 
 class ScopedClient:
@@ -171,8 +195,6 @@ class MlflowHook(BaseHook):
         :param run_id: a run the training already logged live (online mode) to adopt.
         :return: the run id.
         """
-        from mlflow.entities import Metric, Param, RunTag
-
         client = self.client
         run = self.find_run(experiment, run_key)
         if run is None and run_id:
@@ -180,24 +202,71 @@ class MlflowHook(BaseHook):
             run = client.get_run(run_id)
         if run is None:
             run = client.create_run(self.experiment_id(experiment), run_name=run_name, tags={RUN_KEY_TAG: run_key})
-        rid = run.info.run_id
-        logged = run.data.params
-        new_params = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in logged]
-        client.log_batch(
-            rid,
-            metrics=[Metric(k, float(v), 0, 0) for k, v in metrics.items() if v is not None],
-            params=new_params,
-            tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()],
-        )
+        self.log_outcome(run, params=params, metrics=metrics, tags=tags, artifacts=artifacts)
+        return run.info.run_id
+
+    def log_outcome(self, run: Any, *, params: Mapping[str, Any], metrics: Mapping[str, float],
+                    tags: Mapping[str, str], artifacts: Mapping[str, str | Path] = (),
+                    status: str | None = "FINISHED") -> None:
+        """Log a training's outcome onto ``run`` (an MLflow ``Run``): artifacts, then params,
+        metrics and tags in one ``log_batch``, then its end state.
+
+        The tags go last-but-one on purpose: a caller that marks "registered" with a tag (a
+        sweep's run key) sees that mark only once the artifacts are there too.
+
+        :param params: only those the run does not hold yet are logged (MLflow refuses a
+            changed value for a logged key).
+        :param status: the run's end state, set when it differs (None: leave it).
+        """
+        from mlflow.entities import Metric, Param, RunTag
+
+        client, rid = self.client, run.info.run_id
         for dest, local in dict(artifacts).items():
             local = Path(local)
             if local.is_dir():
                 client.log_artifacts(rid, str(local), dest)
             elif local.exists():
                 client.log_artifact(rid, str(local), dest)
-        if run.info.status != "FINISHED":
-            client.set_terminated(rid, "FINISHED")
-        return rid
+        logged = run.data.params
+        client.log_batch(
+            rid,
+            metrics=[Metric(k, float(v), 0, 0) for k, v in metrics.items() if v is not None],
+            params=[Param(k, str(v)[:6000]) for k, v in params.items() if k not in logged],
+            tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()],
+        )
+        if status and run.info.status != status:
+            client.set_terminated(rid, status)
+
+    def runs_by_tag(self, experiment_ids: list[str], tag: str, value: str, page: int = 1000) -> list[Any]:
+        """Every run whose ``tag`` equals ``value`` (all pages)."""
+        found, token = [], None
+        while True:
+            batch = self.client.search_runs(experiment_ids, filter_string=f"tags.`{tag}` = '{value}'",
+                                            max_results=page, page_token=token)
+            found += list(batch)
+            token = batch.token
+            if not token:
+                return found
+
+    def runs_by_id(self, experiment_ids: list[str], run_ids: list[str], chunk: int = 200) -> dict[str, Any]:
+        """The runs with these ids (data included), a few searches for any number of runs.
+
+        :param chunk: ids per search (the filter string grows with each).
+        """
+        found: dict[str, Any] = {}
+        for start in range(0, len(run_ids), chunk):
+            ids = ", ".join(f"'{r}'" for r in run_ids[start:start + chunk] if _RUN_ID_RE.match(r))
+            if not ids:
+                continue
+            token = None
+            while True:
+                page = self.client.search_runs(experiment_ids, filter_string=f"attributes.run_id IN ({ids})",
+                                               max_results=chunk, page_token=token)
+                found.update({r.info.run_id: r for r in page})
+                token = page.token
+                if not token:
+                    break
+        return found
 
     def register_model(self, name: str, run_id: str, artifact_path: str, tags: Mapping[str, str]) -> str:
         """Register the run's model as a version of ``name`` once; later calls return that version.
