@@ -1,8 +1,12 @@
-"""hparam_sweep: a hyperparameter search submitted as one throttled Slurm job array.
+"""hparam_sweep: a hyperparameter search submitted as throttled Slurm job arrays.
 
-The search space (grid, or a seeded random sample) comes from the Params; every trial is one
-array task in its own directory; all trials are logged to MLflow, the best one is registered,
-and a plot of the metric against each hyperparameter is logged on the sweep's summary run.
+The search space (grid, or a seeded random sample, up to 10,000 trials) comes from the Params;
+every trial is one array task in its own directory. A sweep larger than the cluster's
+``MaxArraySize`` is split into several array jobs ("pieces", the mapped ``train`` task), run one
+after another so that ``max_parallel`` holds across all of them. All trials are logged to MLflow
+(nested under the sweep's summary run), the best completed one is registered, and a plot of the
+metric against each hyperparameter is logged on the summary run. Failed trials are recorded;
+the run fails only when more than ``max_failed_fraction`` of them failed.
 Each logical date is a data window (the ``window_days`` days up to it), so
 ``airflow backfill create --dag-id hparam_sweep --from-date ... --to-date ...`` sweeps past
 windows; ``max_active_runs`` keeps a backfill from flooding the cluster.
@@ -41,11 +45,14 @@ params = {
     ),
     "search_strategy": Param("grid", type="string", enum=["grid", "random"], section="Search",
                              description="grid: every combination; random: n_trials seeded draws."),
-    "n_trials": Param(8, type="integer", minimum=1, maximum=256, section="Search",
+    "n_trials": Param(8, type="integer", minimum=1, maximum=10_000, section="Search",
                       description="Trials to draw (random strategy)."),
     "search_seed": Param(0, type="integer", minimum=0, section="Search", description="Seed of the random draws."),
-    "max_parallel": Param(2, type="integer", minimum=1, maximum=256, section="Search",
-                          description="Array throttle: trials running at once (--array=0-N%K)."),
+    "max_parallel": Param(2, type="integer", minimum=1, maximum=1000, section="Search",
+                          description="Array throttle: trials running at once (--array=0-N%K), across all array jobs."),
+    "max_failed_fraction": Param(0.5, type="number", minimum=0, maximum=1, section="Search",
+                                 description="The run fails when more than this share of trials failed; "
+                                             "otherwise the best completed trial is registered."),
     "window_days": Param(3, type="integer", minimum=1, maximum=365, section="Data",
                          description="Data window: the campaign days up to the logical date."),
 }
@@ -72,8 +79,10 @@ def hparam_sweep():
         "$lte": "{{ " + LOGICAL_DAY + " }}",
     }}
     spec = tasks.sweep_job_spec(image.output, trials, overrides={"data_query": window})
-    train = tasks.TrainingJobOperator(task_id="train", command=spec["command"],
-                                      sbatch_options=spec["sbatch_options"], pool="slurm_submit")
+    # One mapped task per array job; one at a time (deferred ones count), so %K is the sweep's.
+    train = tasks.TrainingJobOperator.partial(
+        task_id="train", pool="slurm_submit", max_active_tis_per_dagrun=1, tolerate_failed_array_tasks=True,
+    ).expand_kwargs(spec)
     sweep = tasks.register_sweep(train.output, image.output, trials)
     preflight >> [image, trials]
     train >> tasks.reap()

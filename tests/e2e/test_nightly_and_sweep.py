@@ -38,29 +38,68 @@ def test_nightly_promotes_better_and_keeps_champion_over_worse(run_dag, api, mlf
     assert doc["promotion"]["promote"] is False and doc["promotion"]["reason"] == decision["reason"]
 
 
-def test_sweep_runs_all_trials_as_one_array(run_dag, api, mlflow_client, catalog_db):
+@pytest.fixture
+def max_array_size(api):
+    """The site's cap on array jobs (Variable ``slurmflow_max_array_size``), removed afterwards."""
+
+    def cap(size: int) -> None:
+        api.post("/variables", {"key": "slurmflow_max_array_size", "value": str(size)})
+
+    yield cap
+    try:
+        api.delete("/variables/slurmflow_max_array_size")
+    except Exception:  # never set
+        pass
+
+
+def test_a_sweep_over_max_array_size_runs_as_pieces_throttled_as_one(run_dag, api, mlflow_client, catalog_db,
+                                                                     cluster, max_array_size):
+    """5 trials with arrays capped at 3: two array jobs (3 + 2), one after another, never more than
+    max_parallel=2 trials at once; every trial logged once under the summary run, the best registered."""
+    max_array_size(3)
     model = f"e2e-sweep-{uuid.uuid4().hex[:6]}"
-    conf = {"model_name": model, "search_space": {"lr": [0.001, 0.01], "width": [16, 32]}, "max_parallel": 2}
+    conf = {"model_name": model, "search_space": {"lr": [0.001, 0.003, 0.01, 0.03, 0.1]}, "max_epochs": 1,
+            "max_parallel": 2}
     run, states = run_dag("hparam_sweep", conf)
     assert run["state"] == "success", states
-    job = api.xcom("hparam_sweep", run["dag_run_id"], "train")
-    assert job["array"]["total"] == 4 and job["array"]["counts"] == {"COMPLETED": 4}
-    spec = api.xcom("hparam_sweep", run["dag_run_id"], "job_spec")
-    assert spec["sbatch_options"]["array"] == "0-3%2"
-    sweep = api.xcom("hparam_sweep", run["dag_run_id"], "register")
-    assert len(sweep["trials"]) == 4 and len({t["run_id"] for t in sweep["trials"]}) == 4
+    rid = run["dag_run_id"]
+    spec = api.xcom("hparam_sweep", rid, "job_spec")
+    assert [p["sbatch_options"]["array"] for p in spec] == ["0-2%2", "0-1%2"]
+    pieces = [api.xcom("hparam_sweep", rid, "train", map_index=i) for i in (0, 1)]
+    assert [p["array"]["counts"] for p in pieces] == [{"COMPLETED": 3}, {"COMPLETED": 2}]
+    assert [p["identity"]["map_index"] for p in pieces] == [0, 1]
+    # sacct: each trial ran once, the pieces one after another, at most 2 trials at a time
+    ids = ",".join(str(p["job_id"]) for p in pieces)
+    rows = [line.split("|") for line in cluster(f"sacct -n -P -X -j {ids} -o JobID,State,Start,End").split()]
+    assert sorted(r[0] for r in rows) == sorted(f"{p['job_id']}_{t}" for p, n in zip(pieces, (3, 2), strict=True) for t in range(n))
+    assert all(r[1] == "COMPLETED" for r in rows)
+    times = [(dt.datetime.fromisoformat(r[2]), dt.datetime.fromisoformat(r[3])) for r in rows]
+    assert max(sum(s <= t < e for s, e in times) for t, _ in times) <= 2
+    first_piece_end = max(e for (r, (s, e)) in zip(rows, times, strict=True) if r[0].startswith(f"{pieces[0]['job_id']}_"))
+    assert all(s >= first_piece_end for (r, (s, e)) in zip(rows, times, strict=True) if r[0].startswith(f"{pieces[1]['job_id']}_"))
+
+    sweep = api.xcom("hparam_sweep", rid, "register")
+    assert len(sweep["trials"]) == 5 and len({t["run_id"] for t in sweep["trials"]}) == 5
+    assert sweep["failed_trials"] == 0 and sweep["too_many_failed"] is False
+    assert sweep["sweep_key"] == f"hparam_sweep/{rid}/train/-1/g0"
     best = min(sweep["trials"], key=lambda t: t["metrics"][sweep["metric"]])
     assert sweep["best"]["trial"] == best["trial"]
     assert [v.run_id for v in mlflow_client.search_model_versions(f"name = '{model}'")] == [best["run_id"]]
+    summary = mlflow_client.get_run(sweep["summary_run_id"])
+    assert summary.data.metrics["sweep/trials"] == 5 and summary.data.metrics["sweep/failed_trials"] == 0
     plots = [a.path for a in mlflow_client.list_artifacts(sweep["summary_run_id"], "plots")]
     assert plots == ["plots/metric_vs_hyperparameters.png"]
-    doc = catalog_db["sweeps"].find_one({"sweep_key": job["run_key"]})
-    assert job["run_key"] == f"hparam_sweep/{run['dag_run_id']}/train/-1/g0"
-    assert len(doc["trials"]) == 4 and doc["best_trial"] == best["trial"]
+    assert [a.path for a in mlflow_client.list_artifacts(sweep["summary_run_id"], "slurm")] == [
+        "slurm/piece-0.sh", "slurm/piece-1.sh"]
+    for trial in sweep["trials"]:
+        tags = mlflow_client.get_run(trial["run_id"]).data.tags
+        assert tags["mlflow.parentRunId"] == sweep["summary_run_id"]
+        assert tags["slurmflow.run_key"] == f"{sweep['sweep_key']}/trial-{trial['trial']}"
+    doc = catalog_db["sweeps"].find_one({"sweep_key": sweep["sweep_key"]})
+    assert len(doc["trials"]) == 5 and doc["best_trial"] == best["trial"] and doc["failed_trials"] == []
     # the best trial's registered version is an MLflow Model too
     version = mlflow_client.search_model_versions(f"name = '{model}'")[0]
     assert "model/MLmodel" in [a.path for a in mlflow_client.list_artifacts(version.run_id, "model")]
-    assert mlflow_client.get_run(best["run_id"]).data.tags["slurmflow.run_key"] == f"{job['run_key']}/trial-{best['trial']}"
 
 
 def test_backfill_over_two_dates_runs_both(api):
@@ -82,5 +121,5 @@ def test_backfill_over_two_dates_runs_both(api):
     assert states == ["success", "success"]
     # Each logical date trained on its own data window: the campaign days up to that date.
     for day, run in ours.items():
-        command = api.xcom("hparam_sweep", run["dag_run_id"], "job_spec")["command"]
+        command = api.xcom("hparam_sweep", run["dag_run_id"], "job_spec")[0]["command"]
         assert f'"$lte": "{day}"' in command

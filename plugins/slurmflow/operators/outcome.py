@@ -51,6 +51,7 @@ def result_dict(snapshot: JobSnapshot, job: Mapping[str, Any]) -> dict[str, Any]
         "job_dir": job.get("job_dir", ""),
         "log_path": job.get("log_path", ""),
         "script_path": job.get("script_path", ""),
+        "paths": job.get("paths"),
         "cluster": job.get("cluster", ""),
         "action": job.get("action", ""),
         "generation": job.get("generation"),

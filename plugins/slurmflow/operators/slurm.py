@@ -86,6 +86,9 @@ class SlurmSubmitJobOperator(BaseOperator):
     :param retry_states: Slurm end states that raise ``AirflowException`` (Airflow may retry);
         every other failure raises ``AirflowFailException``. Default: NODE_FAIL, BOOT_FAIL, PREEMPTED.
     :param cancel_array_on_failure: scancel the remaining array tasks as soon as one fails.
+    :param tolerate_failed_array_tasks: an array whose tasks all ended is a success even when
+        some failed (logged, with the first failure's tail); the result's ``array`` lists them.
+        For sweeps, whose registration decides how many failed trials are too many.
     :param stream_logs: copy new job output lines into the task log while the job runs.
     :param log_tail_lines: lines of the job log included in a failure.
     :param preflight: run ``sbatch --test-only`` before submitting (validates partition, account,
@@ -137,6 +140,7 @@ class SlurmSubmitJobOperator(BaseOperator):
         job_timeout: timedelta | float | None = None,
         retry_states: Collection[str] = DEFAULT_RETRY_STATES,
         cancel_array_on_failure: bool = False,
+        tolerate_failed_array_tasks: bool = False,
         stream_logs: bool = True,
         log_tail_lines: int = 50,
         preflight: bool = False,
@@ -161,6 +165,7 @@ class SlurmSubmitJobOperator(BaseOperator):
         self.job_timeout = job_timeout
         self.retry_states = normalize_states(retry_states)
         self.cancel_array_on_failure = cancel_array_on_failure
+        self.tolerate_failed_array_tasks = tolerate_failed_array_tasks
         self.stream_logs = stream_logs
         self.log_tail_lines = log_tail_lines
         self.preflight = preflight
@@ -423,6 +428,10 @@ class SlurmSubmitJobOperator(BaseOperator):
     def _finish(self, snap: JobSnapshot, job: Mapping[str, Any], tail: str) -> dict[str, Any] | None:
         self._remove_secrets(job)
         result = result_dict(snap, job)
+        if not snap.state.is_successful and self.tolerate_failed_array_tasks and snap.is_array:
+            self.log.warning("Slurm job %s: array ended with failed tasks (%s); tolerated, the next step "
+                             "decides. First failure's log:\n%s", snap.job_id, snap.progress, tail or "(none)")
+            return result
         if not snap.state.is_successful:
             if tail:
                 self.log.error("Last lines of %s:\n%s", job.get("log_path"), tail)

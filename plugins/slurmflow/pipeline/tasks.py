@@ -6,9 +6,11 @@ time, and talks to the outside world only through the hooks.
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -124,17 +126,21 @@ def reap(train_task: str = "train") -> str:
     failed/success or cleared, but only once a triggerer runs it; a task marked failed right after
     deferring, before any triggerer picked the trigger up, would otherwise leave an orphan job.
     """
-    job = get_current_context()["ti"].xcom_pull(task_ids=train_task, key=XCOM_JOB_KEY)
-    if not job:
+    pulled = get_current_context()["ti"].xcom_pull(task_ids=train_task, key=XCOM_JOB_KEY)
+    # a mapped train task (a sweep's array jobs) gives one record per map index, None where none ran
+    records = [pulled] if isinstance(pulled, dict) else [r for r in pulled or () if r]
+    if not records:
         return "no job was submitted"
     hook = _slurm_hook()
-    job_id = str(job["job_id"])
-    snap = hook.get_states([job_id]).get(job_id)
-    if snap is None or snap.state.is_terminal:
-        return f"job {job_id}: {snap.state.state.value if snap else 'unknown'}, nothing to cancel"
-    log.warning("Slurm job %s is still %s but its task is over: cancelling it", job_id, snap.state.state.value)
-    hook.cancel([job_id])
-    return f"job {job_id}: cancelled"
+    job_ids = [str(r["job_id"]) for r in records]
+    snaps = hook.get_states(job_ids)
+    live = [j for j in job_ids if snaps.get(j) is not None and not snaps[j].state.is_terminal]
+    if not live:
+        return "; ".join(f"job {j}: {snaps[j].state.state.value if snaps.get(j) else 'unknown'}" for j in job_ids) + \
+            ", nothing to cancel"
+    log.warning("Slurm job(s) %s still queued or running but the task is over: cancelling", ", ".join(live))
+    hook.cancel(live)
+    return f"job(s) {', '.join(live)}: cancelled"
 
 
 @task(task_id="preflight")
@@ -195,21 +201,28 @@ def plan_trials() -> list[dict[str, Any]]:
 
 
 @task(task_id="job_spec")
-def sweep_job_spec(image: str, trials: list[dict[str, Any]], overrides: dict[str, Any] | None = None) -> dict:
-    """One job array for all trials, throttled to ``max_parallel`` running at once."""
+def sweep_job_spec(image: str, trials: list[dict[str, Any]], overrides: dict[str, Any] | None = None) -> list[dict]:
+    """The sweep's array jobs ("pieces"): as few as the cluster's ``MaxArraySize`` allows (or the
+    Variable ``slurmflow_max_array_size``, when smaller), each throttled to ``max_parallel``. The
+    train task maps over them, one piece at a time, so the throttle holds across all of them."""
     from slurmflow.pipeline.jobs import container_options, sbatch_options
-    from slurmflow.pipeline.sweep import array_command, array_spec
+    from slurmflow.pipeline.sweep import piece_command, plan_pieces
 
     params = {**get_current_context()["params"], **(overrides or {})}
     hook = _slurm_hook()
     _stage_registry_auth(hook)
     site = site_settings(hook.home)
     runtime = params.get("container_runtime") or site.runtime
-    return {
-        "command": array_command(params, trials, image, site, runtime, **container_options(params, site)),
-        "sbatch_options": sbatch_options(params, site, array=array_spec(len(trials), int(params["max_parallel"]))),
-        "runtime": runtime,
-    }
+    cap = Variable.get("slurmflow_max_array_size", default="")
+    max_array = min(hook.max_array_size(), int(cap) if cap else 1 << 31)
+    pieces = plan_pieces(len(trials), max_array)
+    if len(pieces) > 1:
+        log.info("%d trials in %d array jobs of at most %d (MaxArraySize), run one after another",
+                 len(trials), len(pieces), max_array)
+    return [{
+        "command": piece_command(params, trials, piece, image, runtime, **container_options(params, site)),
+        "sbatch_options": sbatch_options(params, site, array=piece.array(int(params["max_parallel"]))),
+    } for piece in pieces]
 
 
 @mlflow_task(task_id="register", **SERVICE_RETRIES)
@@ -242,78 +255,132 @@ def register(job: dict[str, Any], image: str) -> dict[str, Any]:
 
 
 @mlflow_task(task_id="register", **SERVICE_RETRIES)
-def register_sweep(job: dict[str, Any], image: str, trials: list[dict[str, Any]]) -> dict[str, Any]:
-    """Log every trial as an MLflow run, register the best trial's model, log a summary run with
-    the metric-vs-hyperparameter plot. Idempotent like :func:`register`."""
-    import json
+def register_sweep(pieces: list[dict[str, Any]], image: str, trials: list[dict[str, Any]]) -> dict[str, Any]:
+    """Log every trial as an MLflow run (nested under the sweep's summary run), register the best
+    completed trial's model and log the metric-vs-hyperparameter plot on the summary run.
+    Idempotent like :func:`register`; see :mod:`slurmflow.pipeline.sweep_results`.
 
+    Failed trials are recorded (state, reason, log tail); with more than ``max_failed_fraction``
+    of them no model is registered and the ``catalog_sweep`` step fails the run once it has
+    recorded the sweep.
+    """
     from slurmflow.hooks.mlflow import MlflowHook
-    from slurmflow.identity import JobIdentity
-    from slurmflow.pipeline.results import collect, ensure_model_logged
-    from slurmflow.pipeline.results import register as register_run
+    from slurmflow.pipeline import sweep_results as sr
+    from slurmflow.pipeline.results import ensure_model_logged
     from slurmflow.pipeline.sweep import best_trial, plot_trials
 
     context = get_current_context()
     params, dag_id, dag_run = context["params"], context["dag"].dag_id, context["run_id"]
     model_name = params.get("model_name") or f"slurmflow-{params['task']}"
+    pieces = list(pieces)  # the mapped train task's results, in map-index order
     hook, mlflow = _slurm_hook(), MlflowHook()
-    identity = JobIdentity.from_dict(job["identity"])
+    identity = sweep_identity(pieces)
     code = code_tags(context["ti"].xcom_pull(task_ids="build_image", key="code_version"))
-    script = hook.run(["cat", job["script_path"]]).stdout
-    results, monitor = [], {}
+    tags = {"airflow.dag_id": dag_id, "airflow.run_id": dag_run, **code}
+    outcome = sr.layout(pieces, trials)
     with tempfile.TemporaryDirectory(prefix="slurmflow-sweep-") as tmp:
-        for i, trial in enumerate(trials):
-            local = Path(tmp) / f"trial-{i}"
-            local.mkdir()
-            manifest = collect(hook, f"{job['job_dir']}/trial-{i}", local)
-            monitor = manifest.get("monitor") or monitor
-            reg = register_run(manifest, local, run_key=identity.trial_key(i), model_name=model_name,
-                               job={**job, "job_dir": f"{job['job_dir']}/trial-{i}"}, image=image,
-                               sbatch_script=script, register_model=False, mlflow=mlflow,
-                               extra_tags={"airflow.dag_id": dag_id, "airflow.run_id": dag_run, **code,
-                                           "slurmflow.sweep": identity.run_key, "slurmflow.trial": str(i)})
-            results.append({"trial": i, "params": trial, "run_id": reg["run_id"], "run_url": reg["run_url"],
-                            "metrics": reg["metrics"], "experiment": reg["experiment"]})
-        metric = f"best/{monitor.get('metric') or 'val/loss'}"
-        best = best_trial(results, metric, monitor.get("mode") or "min")
-        ensure_model_logged(mlflow, best["run_id"], hook, f"{job['job_dir']}/trial-{best['trial']}",
-                            Path(tmp) / f"trial-{best['trial']}")
-        version = mlflow.register_model(model_name, best["run_id"], "model",
-                                        {"slurmflow.sweep": identity.run_key, "slurmflow.trial": str(best["trial"]),
-                                         "slurm.job_id": str(job["job_id"]), "image": image, **code})
-        plot = plot_trials(results, metric, str(Path(tmp) / "metric_vs_hyperparameters.png"))
-        (Path(tmp) / "trials.json").write_text(json.dumps(results, indent=2))
+        local = Path(tmp)
+        sr.collect(hook, outcome, local)
+        sr.explain_failures(hook, outcome)
+        done = [t for t in outcome if t.completed]
+        experiment = ((done[0].manifest.get("mlflow") or {}).get("experiment") if done else None) or "slurmflow"
+        scripts = local / "slurm"
+        scripts.mkdir()
+        for n, job in enumerate(pieces):
+            (scripts / f"piece-{n}.sh").write_text(hook.run(["cat", job["script_path"]]).stdout)
+        summary_key = f"{identity.run_key}/sweep"
         summary = mlflow.log_training(
-            experiment=best["experiment"], run_key=f"{identity.run_key}/sweep", run_name=f"sweep {dag_run}",
+            experiment=experiment, run_key=summary_key, run_name=f"sweep {dag_run}", params={}, metrics={},
+            tags={sr.SWEEP_TAG: identity.run_key, "image": image, **tags}, artifacts={"slurm": scripts})
+        sweep = sr.SweepContext(identity.run_key, summary, image, tags)
+
+        def upload_offline(trial: sr.Trial) -> str:
+            from hpctrain.offline import upload  # the compute node was offline: replay its store
+
+            with mlflow.credentials():
+                return upload(trial.local, mlflow.tracking_uri, experiment=experiment,
+                              tags={"slurmflow.run_key": f"{identity.run_key}/trial-{trial.index}"})
+
+        sr.log_trials(mlflow, outcome, sweep, mlflow.experiment_id(experiment), upload_offline)
+        results = [t.summary() for t in outcome]
+        failed = [r for r in results if r["status"] == "failed"]
+        fraction, limit = sr.failed_fraction(outcome), float(params.get("max_failed_fraction", 0.5))
+        too_many = fraction > limit
+        monitor = next((t.manifest.get("monitor") for t in done if t.manifest.get("monitor")), None) or {}
+        metric = f"best/{monitor.get('metric') or 'val/loss'}"
+        best, version = None, None
+        if done and not too_many:
+            best = best_trial([r for r in results if r["status"] == "completed"], metric, monitor.get("mode") or "min")
+            winner = outcome[best["trial"]]
+            ensure_model_logged(mlflow, best["run_id"], hook, winner.job_dir, winner.local)
+            version = mlflow.register_model(model_name, best["run_id"], "model", {
+                sr.SWEEP_TAG: identity.run_key, "slurmflow.trial": str(best["trial"]),
+                "slurm.job_id": str(winner.job["job_id"]), "image": image, **code})
+        (local / "trials.json").write_text(json.dumps(results, indent=2))
+        artifacts: dict[str, Any] = {"sweep": local / "trials.json"}
+        if done:
+            artifacts["plots"] = plot_trials(results, metric, str(local / "metric_vs_hyperparameters.png"))
+        metrics = {"sweep/trials": len(results), "sweep/failed_trials": len(failed)}
+        if best:
+            metrics[metric] = best["metrics"][metric]
+        mlflow.log_training(
+            experiment=experiment, run_key=summary_key, run_name=f"sweep {dag_run}",
             params={"search_space": json.dumps(params["search_space"], sort_keys=True),
-                    "search_strategy": params["search_strategy"], "trials": len(trials)},
-            metrics={metric: best["metrics"][metric]},
-            tags={"slurmflow.sweep": identity.run_key, "slurm.job_id": str(job["job_id"]), "image": image, **code,
-                  "best_trial": str(best["trial"]), "best_run_id": best["run_id"]},
-            artifacts={"plots": plot, "sweep": Path(tmp) / "trials.json"},
+                    "search_strategy": params["search_strategy"], "trials": len(trials),
+                    "array_jobs": len(pieces)},
+            metrics=metrics, artifacts=artifacts,
+            tags={"slurm.job_ids": ",".join(str(j["job_id"]) for j in pieces),
+                  **({"best_trial": str(best["trial"]), "best_run_id": best["run_id"]} if best else {})},
         )
+    if failed:
+        log.warning("%d of %d trials failed (limit %.0f%%); first: trial %s %s: %s", len(failed), len(results),
+                    100 * limit, failed[0]["trial"], failed[0]["state"], failed[0]["reason"])
     context["ti"].xcom_push(key=MlflowRunLink.url_key, value=mlflow.ui_url(f"experiments/-/runs/{summary}"))
-    context["ti"].xcom_push(key=MlflowModelLink.url_key, value=mlflow.ui_url(f"models/{model_name}/versions/{version}"))
+    if version:
+        context["ti"].xcom_push(key=MlflowModelLink.url_key,
+                                value=mlflow.ui_url(f"models/{model_name}/versions/{version}"))
     return {"trials": results, "best": best, "metric": metric, "model_name": model_name, "model_version": version,
-            "summary_run_id": summary, "sweep_key": identity.run_key, "code": code}
+            "summary_run_id": summary, "sweep_key": identity.run_key, "code": code,
+            "failed_trials": len(failed), "failed_fraction": fraction, "max_failed_fraction": limit,
+            "too_many_failed": too_many}
+
+
+def sweep_identity(pieces: list[dict[str, Any]]) -> JobIdentity:
+    """The sweep's one identity: the train task with no map index, in the newest generation of its
+    pieces (a clear of train clears them all)."""
+    from slurmflow.identity import JobIdentity
+
+    first = JobIdentity.from_dict(pieces[0]["identity"])
+    generation = max(JobIdentity.from_dict(p["identity"]).generation for p in pieces)
+    return JobIdentity(replace(first.key, map_index=-1), generation)
 
 
 @task(task_id="catalog_sweep", **SERVICE_RETRIES)
 def catalog_sweep(sweep: dict[str, Any]) -> dict[str, Any]:
-    """One catalog document summarising the sweep and its trials (upserted by sweep key)."""
+    """One catalog document summarising the sweep and its trials (upserted by sweep key); then
+    fail the run if more trials failed than ``max_failed_fraction`` allows."""
     from slurmflow.hooks.catalog import RunCatalogHook
 
     context = get_current_context()
     ti = context["ti"]
+    failed = [t for t in sweep["trials"] if t.get("status") == "failed"]
     doc = RunCatalogHook().record_sweep(sweep["sweep_key"], {
         "dag_id": context["dag"].dag_id, "run_id": context["run_id"], "params": dict(context["params"]),
-        "slurm": ti.xcom_pull(task_ids="train"), "image": ti.xcom_pull(task_ids="build_image"),
-        "metric": sweep["metric"], "trials": sweep["trials"], "best_trial": sweep["best"]["trial"],
-        "code": sweep["code"],
+        "slurm": list(ti.xcom_pull(task_ids="train") or []), "image": ti.xcom_pull(task_ids="build_image"),
+        "metric": sweep["metric"], "trials": sweep["trials"],
+        "best_trial": sweep["best"]["trial"] if sweep["best"] else None,
+        "failed_trials": [t["trial"] for t in failed], "code": sweep["code"],
         "mlflow": {"model_name": sweep["model_name"], "model_version": sweep["model_version"],
                    "summary_run_id": sweep["summary_run_id"]},
     })
-    return {"sweep_key": doc["sweep_key"], "trials": len(doc["trials"]), "best_trial": doc["best_trial"]}
+    if sweep["too_many_failed"] or not sweep["best"]:
+        raise AirflowFailException(
+            f"{len(failed)} of {len(sweep['trials'])} trials failed (more than max_failed_fraction="
+            f"{sweep['max_failed_fraction']}): no model registered; catalog document {doc['sweep_key']} "
+            f"records every trial (first failure: trial {failed[0]['trial']} {failed[0]['state']}: "
+            f"{failed[0]['reason']})" if failed else "no trial reported a metric")
+    return {"sweep_key": doc["sweep_key"], "trials": len(doc["trials"]), "best_trial": doc["best_trial"],
+            "failed_trials": len(failed)}
 
 
 @task(task_id="evaluate_and_promote", **SERVICE_RETRIES)
