@@ -192,7 +192,8 @@ def run_records(api: AirflowAPI, runs: list[tuple[str, str]], since: float) -> l
                           "JobID,JobName,State,Submit,End").splitlines()
     out = []
     for dag_id, run_id in runs:
-        digest = JobKey(dag_id, run_id, "train").digest
+        # hparam_sweep's train task maps over its array jobs: the load's small sweeps are one piece
+        digest = JobKey(dag_id, run_id, "train", 0 if dag_id == "hparam_sweep" else -1).digest
         jobs = observe.key_jobs(lines, digest)
         run = api.get(f"/dags/{dag_id}/dagRuns/{run_id}")
         out.append({"dag_id": dag_id, "run_id": run_id, "state": run["state"], "end_date": run.get("end_date"),

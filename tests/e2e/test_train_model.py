@@ -44,6 +44,11 @@ def test_defaults_train_register_and_catalog(trained, api, mlflow_client, catalo
     assert [h["state"] for h in doc["history"]] == ["submitted", "completed", "registered"]
     assert doc["mlflow"]["model_version"] == "1" and doc["slurm"]["job_id"] == job["job_id"]
     assert doc["code"]["code_version"] == mlrun.data.tags["code_version"] and doc["generation"] == 0
+    # what the job used, measured by sacct, on the run, the model version and the catalog document
+    assert int(mlrun.data.tags["slurm.alloc_cpus"]) >= 1 and float(mlrun.data.tags["slurm.gpu_hours"]) == 0
+    assert float(mlrun.data.tags["slurm.total_cpu_seconds"]) >= 0 and "slurm.cpu_efficiency" in mlrun.data.tags
+    assert version.tags["slurm.alloc_cpus"] == mlrun.data.tags["slurm.alloc_cpus"]
+    assert doc["usage"]["job_id"] == str(job["job_id"]) and doc["usage"]["elapsed_seconds"] > 0
     # no GitPython noise in the job's own log (mlflow imports git inside a container without it)
     log = api.task_log("train_model", run["dag_run_id"], "train")
     assert "Bad git executable" not in log and "GIT_PYTHON" not in log

@@ -60,6 +60,10 @@ def test_a_piece_with_a_failed_trial_registers_the_rest_once(slurm_conn, stack_c
     failed = outcome[2]
     assert failed.state == "FAILED" and "exit code 3" in failed.reason and "boom: out of luck" in failed.log_tail
     assert sr.failed_fraction(outcome) == 0.25
+    total = sr.usage(slurm, outcome)  # one sacct for the whole array: every trial's own figures
+    assert [t.usage.job_id for t in outcome] == [f"{job_id}_{t}" for t in range(4)]
+    assert outcome[2].usage.state == "FAILED" and all(t.usage.alloc_cpus >= 1 for t in outcome)
+    assert total.as_dict()["tasks"] == 4
 
     sweep_key = f"it_sweep/{key.run_id}/train/-1/g0"
     summary = mlflow.log_training(experiment=EXPERIMENT, run_key=f"{sweep_key}/sweep", run_name="s",
@@ -80,6 +84,7 @@ def test_a_piece_with_a_failed_trial_registers_the_rest_once(slurm_conn, stack_c
         assert run.data.tags[sr.PARENT_TAG] == summary and run.info.status == "FINISHED"
         assert run.data.metrics["best/val/loss"] > 0 and run.data.tags["slurm.job_id"].startswith(f"{job_id}_")
         assert [a.path for a in mlflow.client.list_artifacts(run.info.run_id, "result")] == ["result/result.json"]
+        assert int(run.data.tags["slurm.alloc_cpus"]) >= 1
 
 
 def test_download_subdir_files_brings_only_the_named_files_in_one_stream(slurm_conn, tmp_path):

@@ -9,15 +9,21 @@ store in its directory; it is copied here over SFTP and replayed into the server
 from __future__ import annotations
 
 import json
+import logging
 import posixpath
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from slurmflow.errors import SlurmError
 from slurmflow.hooks.catalog import RunCatalogHook
 from slurmflow.hooks.mlflow import MlflowHook
 from slurmflow.hooks.slurm import SlurmHook
+from slurmflow.parsing import SlurmParseError
+from slurmflow.usage import JobUsage
+
+log = logging.getLogger(__name__)
 
 #: what the orchestrator copies back from a job directory (model weights stay in MLflow's store)
 COLLECTED = ("result.json", "tracking.json", "config.yaml", "mlruns-offline")
@@ -81,6 +87,18 @@ def slurm_tags(job: Mapping[str, Any], image: str, gpus_per_node: int = 0) -> di
     return {k: str(v) for k, v in tags.items() if v not in (None, "")}
 
 
+def usage_of(slurm: SlurmHook | None, job_ids: list[str]) -> dict[str, JobUsage]:
+    """What the jobs used, from accounting (:meth:`SlurmHook.usage`), or ``{}`` when it cannot
+    say: usage facts add to a registration, they never fail one."""
+    if slurm is None or not job_ids:
+        return {}
+    try:
+        return slurm.usage(job_ids)
+    except (SlurmError, SlurmParseError) as exc:
+        log.warning("No usage figures for Slurm job(s) %s: %s", ", ".join(job_ids), exc)
+        return {}
+
+
 def metrics_of(manifest: Mapping[str, Any]) -> dict[str, float]:
     """Final metrics, and the best ones as ``best/<name>``."""
     metrics = manifest.get("metrics") or {}
@@ -122,7 +140,9 @@ def register(
         with mlflow.credentials():  # upload() builds its own MLflow clients
             run_id = upload(local_dir, mlflow.tracking_uri, experiment=experiment,
                             tags={"slurmflow.run_key": run_key})
-    tags = {**slurm_tags(job, image, gpus_per_node), **(extra_tags or {})}
+    usage = usage_of(slurm, [str(job["job_id"])]).get(str(job["job_id"]))
+    # sacct's measured figures (GPU-hours from AllocTRES among them) win over the estimate
+    tags = {**slurm_tags(job, image, gpus_per_node), **(usage.as_tags() if usage else {}), **(extra_tags or {})}
     script = local_dir / "job.sh"
     script.write_text(sbatch_script)
     metrics = metrics_of(manifest)
@@ -141,6 +161,7 @@ def register(
         "model_url": None,
         "metrics": metrics,
         "tags": tags,
+        "usage": usage.as_dict() if usage else None,
     }
     if register_model:
         ensure_model_logged(mlflow, run_id, slurm, job["job_dir"], local_dir)
@@ -183,6 +204,8 @@ def catalog_record(catalog: RunCatalogHook, run_key: str, state: str, *, job: Ma
         fields["mlflow"] = {k: registration[k] for k in ("run_id", "experiment", "model_name", "model_version",
                                                          "run_url", "model_url")}
         fields["metrics"] = registration["metrics"]
+        if registration.get("usage"):
+            fields["usage"] = registration["usage"]
         if registration.get("code"):
             fields["code"] = registration["code"]
     if manifest:

@@ -21,11 +21,14 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from slurmflow.hooks.mlflow import RUN_KEY_TAG, MlflowHook
 from slurmflow.hooks.slurm import SlurmHook
 from slurmflow.pipeline.results import COLLECTED, flatten, metrics_of, slurm_tags
+
+if TYPE_CHECKING:
+    from slurmflow.usage import JobUsage, UsageSummary
 
 #: trial runs logged at once (each call is a short HTTP request; the server is the limit)
 PARALLEL_TRIALS = 8
@@ -58,6 +61,12 @@ class Trial:
     log_tail: str = ""
     run_id: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    usage: JobUsage | None = None
+
+    @property
+    def slurm_job_id(self) -> str:
+        """``<array job>_<task>``, as Slurm names the trial's run."""
+        return f"{self.job['job_id']}_{self.array_task}"
 
     @property
     def job_dir(self) -> str:
@@ -70,7 +79,9 @@ class Trial:
     def summary(self) -> dict[str, Any]:
         """What the summary run's ``trials.json``, the XCom and the catalog keep of it."""
         out: dict[str, Any] = {"trial": self.index, "params": dict(self.params), "piece": self.piece,
-                               "slurm_job_id": f"{self.job['job_id']}_{self.array_task}"}
+                               "slurm_job_id": self.slurm_job_id}
+        if self.usage:
+            out["usage"] = self.usage.as_dict()
         if self.completed:
             out.update(status="completed", run_id=self.run_id, metrics=self.metrics)
         else:
@@ -151,6 +162,19 @@ class SweepContext:
     tags: Mapping[str, str]
 
 
+def usage(slurm: SlurmHook, trials: Sequence[Trial]) -> UsageSummary | None:
+    """Each trial's usage figures from one ``sacct`` for all pieces (set on the trials), and
+    their sum for the sweep; None when accounting cannot say."""
+    from slurmflow.pipeline.results import usage_of
+    from slurmflow.usage import summarize
+
+    found = usage_of(slurm, sorted({str(t.job["job_id"]) for t in trials}))
+    for trial in trials:
+        trial.usage = found.get(trial.slurm_job_id)
+    measured = [t.usage for t in trials if t.usage]
+    return summarize(measured) if measured else None
+
+
 def log_trials(mlflow: MlflowHook, trials: Sequence[Trial], sweep: SweepContext, experiment_id: str,
                upload_offline: Callable[[Trial], str] | None = None, parallel: int = PARALLEL_TRIALS) -> None:
     """Log every completed trial onto its run (the training's own live run when it had one),
@@ -177,8 +201,9 @@ def log_trials(mlflow: MlflowHook, trials: Sequence[Trial], sweep: SweepContext,
         trial.run_id = run.info.run_id
         if run.data.tags.get(RUN_KEY_TAG) == key:
             return
-        job = {**trial.job, "job_id": f"{trial.job['job_id']}_{trial.array_task}", "job_dir": trial.job_dir}
-        tags = {**slurm_tags(job, sweep.image), **sweep.tags, SWEEP_TAG: sweep.sweep_key,
+        job = {**trial.job, "job_id": trial.slurm_job_id, "job_dir": trial.job_dir}
+        measured = trial.usage.as_tags() if trial.usage else {}
+        tags = {**slurm_tags(job, sweep.image), **measured, **sweep.tags, SWEEP_TAG: sweep.sweep_key,
                 "slurmflow.trial": str(trial.index), PARENT_TAG: sweep.summary_run_id, RUN_KEY_TAG: key}
         mlflow.log_outcome(run, params=flatten(trial.manifest.get("hyperparameters") or {}),
                            metrics=trial.metrics, tags=tags, artifacts={"result": trial.local / "result.json"})

@@ -301,6 +301,7 @@ def register_sweep(pieces: list[dict[str, Any]], image: str, trials: list[dict[s
                 return upload(trial.local, mlflow.tracking_uri, experiment=experiment,
                               tags={"slurmflow.run_key": f"{identity.run_key}/trial-{trial.index}"})
 
+        total = sr.usage(hook, outcome)
         sr.log_trials(mlflow, outcome, sweep, mlflow.experiment_id(experiment), upload_offline)
         results = [t.summary() for t in outcome]
         failed = [r for r in results if r["status"] == "failed"]
@@ -329,7 +330,7 @@ def register_sweep(pieces: list[dict[str, Any]], image: str, trials: list[dict[s
                     "search_strategy": params["search_strategy"], "trials": len(trials),
                     "array_jobs": len(pieces)},
             metrics=metrics, artifacts=artifacts,
-            tags={"slurm.job_ids": ",".join(str(j["job_id"]) for j in pieces),
+            tags={"slurm.job_ids": ",".join(str(j["job_id"]) for j in pieces), **(total.as_tags() if total else {}),
                   **({"best_trial": str(best["trial"]), "best_run_id": best["run_id"]} if best else {})},
         )
     if failed:
@@ -342,7 +343,7 @@ def register_sweep(pieces: list[dict[str, Any]], image: str, trials: list[dict[s
     return {"trials": results, "best": best, "metric": metric, "model_name": model_name, "model_version": version,
             "summary_run_id": summary, "sweep_key": identity.run_key, "code": code,
             "failed_trials": len(failed), "failed_fraction": fraction, "max_failed_fraction": limit,
-            "too_many_failed": too_many}
+            "too_many_failed": too_many, "usage": total.as_dict() if total else None}
 
 
 def sweep_identity(pieces: list[dict[str, Any]]) -> JobIdentity:
@@ -369,7 +370,7 @@ def catalog_sweep(sweep: dict[str, Any]) -> dict[str, Any]:
         "slurm": list(ti.xcom_pull(task_ids="train") or []), "image": ti.xcom_pull(task_ids="build_image"),
         "metric": sweep["metric"], "trials": sweep["trials"],
         "best_trial": sweep["best"]["trial"] if sweep["best"] else None,
-        "failed_trials": [t["trial"] for t in failed], "code": sweep["code"],
+        "failed_trials": [t["trial"] for t in failed], "code": sweep["code"], "usage": sweep.get("usage"),
         "mlflow": {"model_name": sweep["model_name"], "model_version": sweep["model_version"],
                    "summary_run_id": sweep["summary_run_id"]},
     })
