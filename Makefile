@@ -8,8 +8,9 @@ FIND_LINKS := $(shell pip config get global.find-links 2>/dev/null || echo /opt/
 STACK := $(PY) -m scripts.localstack
 PYTEST_ARGS ?=
 CHAOS_ARGS ?=
+BENCH_SWEEP_ARGS ?=
 
-.PHONY: help deps venv up down status wheelhouse demo test test-long test-unit lint bench chaos load clean
+.PHONY: help deps venv up down status wheelhouse demo test test-long test-unit lint bench bench-sweep chaos load clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -55,8 +56,12 @@ test-unit: venv  ## fast tests only (no services)
 lint: venv
 	$(VENV)/bin/ruff check .
 
-bench: up  ## benchmarks: print figures, write bench/results/*.json
-	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+# sweep_scale.py (a 1,000-trial sweep, about an hour here) has its own target.
+bench: up  ## benchmarks: print figures, write bench/results/*.json (but the long sweep)
+	@for b in bench/*.py; do [ "$$b" = bench/sweep_scale.py ] && continue; echo "== $$b"; $(PY) $$b || exit 1; done
+
+bench-sweep: up  ## a 1,000-trial hparam_sweep end to end (BENCH_SWEEP_ARGS="--trials 200")
+	$(PY) bench/sweep_scale.py $(BENCH_SWEEP_ARGS)
 
 # Not part of `make test` (CI stays under 40 min): a full run is 120 trials of a minute or more.
 chaos: up  ## fault injection on real runs, docs/RELIABILITY.md (CHAOS_ARGS=--smoke: one trial each)

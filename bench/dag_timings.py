@@ -49,8 +49,10 @@ def measure(api: AirflowAPI, env: dict[str, str], dag_id: str, conf: dict) -> di
     api.wait_for_dag(dag_id)
     conf = {**conf, "model_name": f"bench-{dag_id}-{uuid.uuid4().hex[:6]}"}
     run = api.wait_for_run(dag_id, api.trigger(dag_id, conf=conf)["dag_run_id"], timeout=1800)
-    tis = {t["task_id"]: t for t in api.task_instances(dag_id, run["dag_run_id"])}
-    job = api.xcom(dag_id, run["dag_run_id"], "train")
+    tis = {t["task_id"] if t["map_index"] < 0 else f"{t['task_id']}[{t['map_index']}]": t
+           for t in api.task_instances(dag_id, run["dag_run_id"])}
+    # hparam_sweep maps its train task over array jobs; this small sweep is one
+    job = api.xcom(dag_id, run["dag_run_id"], "train", map_index=0 if "train[0]" in tis else -1)
     submit, start, end = sacct_times(env, str(job["job_id"]))
     wall = (_ts(run["end_date"]) - _ts(run["start_date"])).total_seconds()
     image = tis["build_image"]["duration"]
