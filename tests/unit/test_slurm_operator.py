@@ -178,6 +178,19 @@ def test_failure_fails_without_retry_and_quotes_the_tail():
     assert "OUT_OF_MEMORY" in str(err.value) and "Killed" in str(err.value)
 
 
+def test_a_sweep_piece_tolerates_failed_trials_and_lists_them():
+    """A sweep's array ends with some trials failed: the piece succeeds (register decides how many
+    failures are too many); without the option the same array fails the task."""
+    tasks = {"0": {"state": "COMPLETED", "exit_code": 0}, "1": {"state": "FAILED", "exit_code": 1},
+             "2": {"state": "COMPLETED", "exit_code": 0}}
+    failed = event("failed", "FAILED", 1, tail="Traceback: boom")
+    failed["snapshot"]["tasks"] = tasks
+    result = make(FakeCluster(), tolerate_failed_array_tasks=True).execute_complete({"ti": FakeTI()}, failed, job=JOB)
+    assert result["array"] == {"counts": {"COMPLETED": 2, "FAILED": 1}, "failed_tasks": [1], "total": 3}
+    with pytest.raises(AirflowFailException, match="failed tasks \\[1\\]"):
+        make(FakeCluster()).execute_complete({"ti": FakeTI()}, failed, job=JOB)
+
+
 def test_retry_states_raise_a_retryable_exception():
     op = make(FakeCluster())
     with pytest.raises(AirflowException) as err:

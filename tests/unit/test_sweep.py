@@ -123,3 +123,30 @@ def test_the_table_is_data_for_the_shell(tmp_path):
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == ["--model.hidden_sizes=[16, 16, 8]"]
     assert not list(tmp_path.rglob("pwned"))
+
+
+def test_trials_are_laid_out_over_the_pieces_in_map_order():
+    from slurmflow.pipeline.sweep_results import layout
+
+    trials = [{"lr": i} for i in range(5)]
+    pieces = [{"job_id": "7", "job_dir": "/j/train.m0/g0", "array": {"total": 3}},
+              {"job_id": "9", "job_dir": "/j/train.m1/g0", "array": {"total": 2}}]
+    out = layout(pieces, trials)
+    assert [(t.index, t.piece, t.array_task, t.slurm_job_id) for t in out] == [
+        (0, 0, 0, "7_0"), (1, 0, 1, "7_1"), (2, 0, 2, "7_2"), (3, 1, 0, "9_0"), (4, 1, 1, "9_1")]
+    assert out[4].job_dir == "/j/train.m1/g0/trial-4"
+    with pytest.raises(ValueError, match="ran 3 trials, but 5 were planned"):
+        layout(pieces[:1], trials)
+
+
+def test_a_trial_summary_says_why_it_failed():
+    from slurmflow.pipeline.sweep_results import Trial, failed_fraction
+
+    ok = Trial(0, {"lr": 1}, 0, {"job_id": "7", "job_dir": "/j"}, 0, manifest={"status": "completed"}, run_id="r")
+    bad = Trial(1, {"lr": 2}, 0, {"job_id": "7", "job_dir": "/j"}, 1, manifest={"status": "failed"},
+                state="FAILED", reason="NonZeroExitCode, exit code 1", log_tail="boom")
+    assert ok.summary()["status"] == "completed" and ok.summary()["run_id"] == "r"
+    assert bad.summary() == {"trial": 1, "params": {"lr": 2}, "piece": 0, "slurm_job_id": "7_1", "status": "failed",
+                             "state": "FAILED", "reason": "NonZeroExitCode, exit code 1", "log_tail": "boom",
+                             "run_id": None}
+    assert failed_fraction([ok, bad]) == 0.5 and failed_fraction([]) == 0.0
