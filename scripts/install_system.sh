@@ -10,6 +10,7 @@ PKGS=(
   debootstrap                                 # a local base image: no image hub is reachable
   supervisor                                  # the process supervisor of the stack
   postgresql                                  # Airflow + MLflow metadata
+  redis-server                                # the Celery broker of `make up EXECUTOR=celery`
   chromium chromium-driver                    # headless browser for the UI tests (no browser download)
   jq curl netcat-openbsd procps psmisc uidmap
 )
