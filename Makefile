@@ -9,6 +9,9 @@ STACK := $(PY) -m scripts.localstack
 PYTEST_ARGS ?=
 CHAOS_ARGS ?=
 BENCH_SWEEP_ARGS ?=
+# Airflow's executor for `make up` (and every target that runs it): local (LocalExecutor) or celery
+# (CeleryExecutor: Redis broker, two workers, two triggerers). The stack remembers it for down/status.
+EXECUTOR ?= local
 
 .PHONY: help deps venv up down status wheelhouse demo test test-long test-unit lint bench bench-sweep chaos load clean
 
@@ -27,8 +30,8 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt training/pyproject.tom
 	@$(PY) -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	@touch $@
 
-up: deps  ## start the local HPC site + Airflow (idempotent)
-	@$(STACK) up
+up: deps  ## start the local HPC site + Airflow (idempotent; EXECUTOR=celery: the CeleryExecutor)
+	@$(STACK) up --executor $(EXECUTOR)
 
 down:  ## stop every service of the local stack
 	@if [ -x $(PY) ]; then $(STACK) down; else echo "no .venv: nothing to stop"; fi

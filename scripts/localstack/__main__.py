@@ -13,43 +13,25 @@ import shutil
 import subprocess
 import sys
 import time
-import xmlrpc.client
-from http.client import HTTPConnection
-from socket import AF_UNIX, SOCK_STREAM, socket
 
 from . import provision
-from .config import CLUSTER_USER, STACK, VENV_BIN, write_stack_env
+from .config import (
+    CLUSTER_USER,
+    EXECUTORS,
+    STACK,
+    VENV_BIN,
+    remember_executor,
+    stack_executor,
+    write_stack_env,
+)
+from .rpc import SUPERVISOR_SOCK, supervisor  # noqa: F401  (supervisor: the chaos and e2e tools import it here)
+from .rpc import running_supervisor as _running_supervisor
 from .services import SLURM_ENV, Service, services, supervisord_conf
 
-SUPERVISOR_SOCK = STACK / "run" / "supervisor.sock"
 CONF = STACK / "supervisord.conf"
 HEALTH_TIMEOUT = {"airflow-api-server": 180, "airflow-scheduler": 120, "airflow-dag-processor": 120,
-                  "airflow-triggerer": 120, "mlflow": 120, "slurmd": 90}
-
-
-class _UnixHTTP(HTTPConnection):
-    def connect(self) -> None:
-        self.sock = socket(AF_UNIX, SOCK_STREAM)
-        self.sock.connect(str(SUPERVISOR_SOCK))
-
-
-class _UnixTransport(xmlrpc.client.Transport):
-    def make_connection(self, host):
-        return _UnixHTTP("localhost")
-
-
-def supervisor():
-    """XML-RPC proxy to our supervisord (raises OSError when it is not running)."""
-    proxy = xmlrpc.client.ServerProxy("http://localhost", transport=_UnixTransport())
-    proxy.supervisor.getState()
-    return proxy.supervisor
-
-
-def _running_supervisor():
-    try:
-        return supervisor()
-    except (OSError, xmlrpc.client.Error):
-        return None
+                  "airflow-triggerer": 120, "airflow-triggerer-2": 120, "airflow-worker-1": 120,
+                  "airflow-worker-2": 120, "mlflow": 120, "slurmd": 90}
 
 
 def _states(sup) -> dict[str, dict]:
@@ -114,10 +96,13 @@ def start_wave(sup, svcs: list[Service], wave: int) -> None:
     print(f"  wave {wave} healthy: {', '.join(s.name for s in batch)}")
 
 
-def up() -> None:
+def up(executor: str = "local") -> None:
+    """Start the stack with ``executor`` (a key of ``EXECUTORS``); programs only another
+    executor has are stopped and removed (``update_programs``)."""
     t0 = time.monotonic()
-    svcs = services()
+    svcs = services(executor)
     preflight(svcs)
+    remember_executor(executor)  # from here on the stack is this executor's, whatever happens
     try:
         _provision_and_start(svcs)
     except SystemExit as exc:  # a failed health check or set-up step
@@ -148,15 +133,7 @@ def _provision_and_start(svcs: list[Service]) -> None:
                 break
             time.sleep(0.2)
     else:
-        # Like `supervisorctl update`: restart only the programs whose configuration changed.
-        [[added, changed, removed]] = sup.reloadConfig()
-        for name in changed + removed:
-            sup.stopProcessGroup(name)
-            sup.removeProcessGroup(name)
-        for name in added + changed:
-            sup.addProcessGroup(name)
-        if changed:
-            print(f"  configuration changed: restarting {', '.join(changed)}")
+        update_programs(sup)
     start_wave(sup, svcs, 1)
     provision.database_users()
     start_wave(sup, svcs, 2)
@@ -172,11 +149,27 @@ def _provision_and_start(svcs: list[Service]) -> None:
     write_stack_env()
 
 
+def update_programs(sup) -> None:
+    """Like ``supervisorctl update``: supervisord re-reads its configuration file; programs whose
+    configuration changed restart, programs no longer in it (another executor's) stop and go."""
+    [[added, changed, removed]] = sup.reloadConfig()
+    for name in changed + removed:
+        sup.stopProcessGroup(name)
+        sup.removeProcessGroup(name)
+    for name in added + changed:
+        sup.addProcessGroup(name)
+    if changed:
+        print(f"  configuration changed: restarting {', '.join(changed)}")
+    if removed:
+        print(f"  not part of this stack any more: stopped {', '.join(removed)}")
+
+
 def status() -> int:
     """Print one table: each service's process state and health. Exit 1 if any is unhealthy."""
     sup = _running_supervisor()
     states = _states(sup)
     bad = 0
+    print(f"executor: {EXECUTORS[stack_executor()]}")
     print(f"{'service':<22}{'process':<10}{'pid':>8}  {'port':<6} health")
     for s in services():
         st = states.get(s.name, {})
@@ -236,9 +229,12 @@ def down(quiet: bool = False) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="localstack", description=__doc__)
     parser.add_argument("command", choices=["up", "down", "status"])
-    cmd = parser.parse_args().command
+    parser.add_argument("--executor", choices=list(EXECUTORS), default="local",
+                        help="up: Airflow's executor (make up EXECUTOR=...); down and status act on the running one")
+    args = parser.parse_args()
+    cmd = args.command
     if cmd == "up":
-        up()
+        up(args.executor)
     elif cmd == "down":
         down()
     else:

@@ -27,6 +27,7 @@ REGISTRY = "127.0.0.1:5000"
 BASE_IMAGE_REPO, BASE_IMAGE_TAG = "slurmflow/base", "bookworm"
 BASE_IMAGE = f"{REGISTRY}/{BASE_IMAGE_REPO}:{BASE_IMAGE_TAG}"
 PG_PORT = 5433  # not 5432: leave the machine's own PostgreSQL cluster alone
+REDIS_PORT = 6380  # the Celery broker; not 6379: leave that to a Redis of the machine's own
 AIRFLOW_USER = AIRFLOW_PASSWORD = "admin"  # dev-only login, documented in the README
 
 # Names of the generated secrets; values live only in .stack/secrets.env.
@@ -40,7 +41,14 @@ SECRET_NAMES = (
     "MLFLOW_FLASK_SECRET_KEY",
     "AIRFLOW_JWT_SECRET",
     "AIRFLOW_API_SECRET_KEY",
+    "REDIS_PASSWORD",
 )
+
+# The Airflow executor of the stack, chosen by `make up EXECUTOR=...` (``up --executor``) and
+# remembered in .stack/executor, so that `make status`, the tools and a later `make up` see the
+# programs that really run.
+EXECUTORS = {"local": "LocalExecutor", "celery": "CeleryExecutor"}
+EXECUTOR_FILE = STACK / "executor"
 
 
 SLURM_CONF = STACK / "etc" / "slurm" / "slurm.conf"
@@ -56,12 +64,19 @@ def _read_env_file(path: Path) -> dict[str, str]:
 
 
 def _write_private(path: Path, text: str) -> None:
-    """Write ``text`` to a mode-600 file, never world-readable even for a moment."""
+    """Write ``text`` to a mode-600 file, never world-readable even for a moment.
+
+    Written aside and renamed into place: a reader (a tool calling :func:`load_secrets` while
+    ``make up`` adds a new secret) sees the old file or the new one, never an empty one, which
+    would make it generate every secret anew.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write(text)
-    os.chmod(path, 0o600)
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
 
 
 def load_secrets() -> dict[str, str]:
@@ -75,6 +90,20 @@ def load_secrets() -> dict[str, str]:
     return values
 
 
+def stack_executor() -> str:
+    """The stack's executor (a key of :data:`EXECUTORS`): the one the last ``make up`` chose."""
+    name = EXECUTOR_FILE.read_text().strip() if EXECUTOR_FILE.exists() else "local"
+    return name if name in EXECUTORS else "local"
+
+
+def remember_executor(name: str) -> None:
+    """Record the executor ``make up`` starts the stack with (see :func:`stack_executor`)."""
+    if name not in EXECUTORS:
+        raise SystemExit(f"unknown executor {name!r}: choose one of {', '.join(EXECUTORS)}")
+    EXECUTOR_FILE.parent.mkdir(parents=True, exist_ok=True)
+    EXECUTOR_FILE.write_text(name + "\n")
+
+
 def template_vars() -> dict[str, str]:
     """Variables available to the templates in include/stack/."""
     return {
@@ -82,6 +111,7 @@ def template_vars() -> dict[str, str]:
         "REPO": str(REPO),
         "HOSTNAME": socket.gethostname().split(".")[0],
         "CLUSTER_USER": CLUSTER_USER,
+        "REDIS_PORT": str(REDIS_PORT),
         **load_secrets(),
     }
 
@@ -143,11 +173,20 @@ def code_version() -> str:
     return digest.hexdigest()[:16]
 
 
-def airflow_env() -> dict[str, str]:
-    """Environment shared by every Airflow component (api-server, scheduler, ...)."""
+def celery_broker_url() -> str:
+    """The stack's Redis as Celery broker, password included: environment only, never argv."""
+    return f"redis://:{load_secrets()['REDIS_PASSWORD']}@127.0.0.1:{REDIS_PORT}/0"
+
+
+def airflow_env(executor: str | None = None) -> dict[str, str]:
+    """Environment shared by every Airflow component (api-server, scheduler, ...).
+
+    :param executor: a key of :data:`EXECUTORS`; by default the stack's (:func:`stack_executor`).
+    """
     s = load_secrets()
     db = f"postgresql+psycopg2://airflow:{s['PG_AIRFLOW_PASSWORD']}@127.0.0.1:{PG_PORT}/airflow"
-    return {
+    executor = executor or stack_executor()
+    env = {
         "AIRFLOW_HOME": str(STACK / "airflow"),
         "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
         # The product's dags/ (Airflow's default bundle), plus the DAGs only the e2e tests run
@@ -159,7 +198,7 @@ def airflow_env() -> dict[str, str]:
              "kwargs": {"path": str(REPO / "tests" / "e2e" / "dags")}},
         ]),
         "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
-        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+        "AIRFLOW__CORE__EXECUTOR": EXECUTORS[executor],
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__CORE__PARALLELISM": "8",
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": "http://127.0.0.1:8080/execution/",
@@ -188,3 +227,11 @@ def airflow_env() -> dict[str, str]:
         "PYTHONPATH": f"{REPO / 'plugins'}:{REPO}",
         "SLURMFLOW_CODE_VERSION": code_version(),
     }
+    if executor == "celery":
+        # Like the metadata DB's, these passwords reach the programs only through the environment.
+        env["AIRFLOW__CELERY__BROKER_URL"] = celery_broker_url()
+        env["AIRFLOW__CELERY__RESULT_BACKEND"] = f"db+{db}"  # Celery's SQL result backend, same DB
+        # A Celery task is one task attempt up to its deferral (waits give the slot back): far less
+        # than a day. Said explicitly, or the provider warns in every component's log.
+        env["AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__VISIBILITY_TIMEOUT"] = "86400"
+    return env

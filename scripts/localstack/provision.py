@@ -29,6 +29,7 @@ from .config import (
     airflow_env,
     load_secrets,
     render,
+    stack_executor,
 )
 from .services import PG_BIN, SLURM_ENV, _http
 
@@ -128,6 +129,10 @@ def configs() -> None:
     render("sshd_config", STACK / "sshd" / "sshd_config")
     render("registry.yml", STACK / "registry" / "config.yml", mode=0o600)
     render("mlflow_auth.ini", STACK / "mlflow" / "auth.ini", mode=0o600)
+    if stack_executor() == "celery":  # the broker runs as the redis user: its folder and config are its own
+        _own(STACK / "redis", "redis", 0o700)
+        render("redis.conf", STACK / "redis" / "redis.conf", mode=0o600)
+        shutil.chown(STACK / "redis" / "redis.conf", "redis", "redis")
     htpasswd = STACK / "registry" / "htpasswd"
     if not htpasswd.exists():  # bcrypt (the registry accepts only bcrypt); password via stdin
         sh(["htpasswd", "-iBc", str(htpasswd), "slurmflow"], input=load_secrets()["REGISTRY_PASSWORD"])

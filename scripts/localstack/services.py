@@ -16,13 +16,18 @@ import subprocess
 import urllib.error
 import urllib.request
 from base64 import b64encode
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
+from ..airflow_api import AirflowAPI, AirflowAPIError
 from .config import (
+    AIRFLOW_PASSWORD,
+    AIRFLOW_USER,
     CLUSTER_USER,
     PG_PORT,
+    REDIS_PORT,
     REPO,
     SLURM_CONF,
     SSH_KEY,
@@ -30,8 +35,11 @@ from .config import (
     TEMPLATES,
     VENV_BIN,
     airflow_env,
+    celery_broker_url,
     load_secrets,
+    stack_executor,
 )
+from .rpc import running_supervisor
 
 PG_BIN = "/usr/lib/postgresql/15/bin"
 SLURM_ENV = {"SLURM_CONF": str(SLURM_CONF)}
@@ -82,15 +90,17 @@ class Service:
         return STACK / "logs" / f"{self.name}.log"
 
 
-def _run(cmd: list[str], env: dict[str, str] | None = None, timeout: float = 10) -> str | None:
-    """Run a probe command; None when it exits 0, else the last line of its output."""
+def _run(cmd: list[str], env: dict[str, str] | None = None, timeout: float = 10,
+         expect: str | None = None) -> str | None:
+    """Run a probe command; None when it exits 0 (and prints ``expect``, if given), else the last
+    line of its output."""
     try:
         out = subprocess.run(
             cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
         return str(exc)
-    if out.returncode == 0:
+    if out.returncode == 0 and (expect is None or out.stdout.strip() == expect):
         return None
     lines = (out.stderr or out.stdout).strip().splitlines()
     return lines[-1] if lines else f"exit {out.returncode}"
@@ -150,18 +160,104 @@ def _airflow_component(component: str) -> Callable[[], str | None]:
     return check
 
 
+def heartbeat_shortfall(process_starts: Iterable[float], job_starts: Iterable[float]) -> int:
+    """How many processes lack a live job of their own, a job counting for a process only when it
+    started after it (a killed process's job stays "alive" until its heartbeat is too old).
+
+    Newer processes can use fewer jobs than older ones, so counting, newest first, the processes
+    against the jobs started after each is enough (Hall's condition for nested sets).
+    """
+    jobs = list(job_starts)
+    short = 0
+    for k, start in enumerate(sorted(process_starts, reverse=True), 1):
+        short = max(short, k - sum(j >= start for j in jobs))
+    return short
+
+
+def _triggerers(names: tuple[str, ...]) -> Callable[[], str | None]:
+    """Every running triggerer of ``names`` heartbeats: ``/monitor/health`` only tells the newest
+    heartbeat of any triggerer, so with two each needs an alive TriggererJob of its own."""
+    def check() -> str | None:
+        sup = running_supervisor()
+        starts = [p["start"] for p in (sup.getAllProcessInfo() if sup else [])
+                  if p["name"] in names and p["statename"] == "RUNNING"]
+        try:
+            api = AirflowAPI("http://127.0.0.1:8080", AIRFLOW_USER, AIRFLOW_PASSWORD)
+            jobs = api.get("/jobs?job_type=TriggererJob&job_state=running&is_alive=true&limit=100")["jobs"]
+        except (OSError, AirflowAPIError) as exc:
+            return f"api-server: {exc}"
+        short = heartbeat_shortfall(starts, (datetime.fromisoformat(j["start_date"]).timestamp() for j in jobs))
+        return f"{short} of {len(starts)} triggerers without a live heartbeat of their own" if short else None
+
+    return check
+
+
+def _celery_worker(node: str) -> Callable[[], str | None]:
+    """A broadcast ping through the broker that the worker ``node`` answers: the broker is up,
+    takes the password, and that worker consumes from it."""
+    def check() -> str | None:
+        from celery import Celery
+
+        app = Celery(set_as_current=False, broker=celery_broker_url(), broker_connection_retry=False,
+                     broker_transport_options={"max_retries": 0})
+        try:
+            replies = app.control.ping(destination=[node], timeout=2)
+        except Exception as exc:  # the broker down or refusing: its reason, never the URL
+            return f"broker 127.0.0.1:{REDIS_PORT}: {type(exc).__name__}: {exc}"
+        finally:
+            app.close()
+        return None if any(node in reply for reply in replies) else f"{node} did not answer a ping"
+
+    return check
+
+
 def _airflow(*args: str) -> list[str]:
     return [str(VENV_BIN / "airflow"), *args]
 
 
-def services() -> list[Service]:
-    """The whole local stack, in start order."""
+WORKER_CONCURRENCY = 4  # task slots per Celery worker: two workers give [core] parallelism (8)
+TRIGGERERS = ("airflow-triggerer", "airflow-triggerer-2")  # with the CeleryExecutor; one with local
+
+
+def celery_services(s: dict[str, str], af_env: dict[str, str]) -> list[Service]:
+    """What ``make up EXECUTOR=celery`` adds: Redis as broker, two Celery workers, a second triggerer.
+
+    All on this machine, so one log server each for tasks (8793, worker 1) and triggers (8794,
+    triggerer 1) serves the one log folder; the second of each skips its own (the port is taken).
+    """
+    host = socket.gethostname()
+    workers = [
+        Service(f"airflow-worker-{i}",
+                _airflow("celery", "worker", "--celery-hostname", f"worker-{i}@{host}",
+                         "--concurrency", str(WORKER_CONCURRENCY), *(["--skip-serve-logs"] if i > 1 else [])),
+                wave=5, env=af_env, health=_celery_worker(f"worker-{i}@{host}"))
+        for i in (1, 2)
+    ]
+    return [
+        Service("redis", ["/usr/bin/redis-server", str(STACK / "redis" / "redis.conf")], wave=1, port=REDIS_PORT,
+                user="redis", env={"SLURMFLOW_REDIS_CONF_VERSION": template_version("redis.conf")},
+                # The password through the environment (REDISCLI_AUTH), not -a: argv is world-readable.
+                health=lambda: _run(["redis-cli", "-h", "127.0.0.1", "-p", str(REDIS_PORT), "ping"],
+                                    {"REDISCLI_AUTH": s["REDIS_PASSWORD"]}, expect="PONG")),
+        *workers,
+        Service("airflow-triggerer-2", _airflow("triggerer", "--skip-serve-logs"), wave=5, env=af_env,
+                health=_triggerers(TRIGGERERS)),
+    ]
+
+
+def services(executor: str | None = None) -> list[Service]:
+    """The whole local stack, in start order.
+
+    :param executor: ``local`` or ``celery`` (config.EXECUTORS); by default the stack's own
+        (the last ``make up``'s).
+    """
+    executor = executor or stack_executor()
     s = load_secrets()
     reg_auth = ("slurmflow", s["REGISTRY_PASSWORD"])
     mlflow_db = f"postgresql+psycopg2://mlflow:{s['PG_MLFLOW_PASSWORD']}@127.0.0.1:{PG_PORT}/mlflow"
-    af_env = airflow_env()
+    af_env = airflow_env(executor)
     munge_sock = ["--socket", str(MUNGE_SOCKET)]
-    return [
+    stack = [
         Service("postgres", [f"{PG_BIN}/postgres", "-D", str(STACK / "pg" / "data"), "-p", str(PG_PORT),
                              "-c", "listen_addresses=127.0.0.1", "-k", str(STACK / "run" / "pg")],
                 wave=1, port=PG_PORT, user="postgres", stopsignal="INT",
@@ -214,8 +310,11 @@ def services() -> list[Service]:
         Service("airflow-dag-processor", _airflow("dag-processor"), wave=5, env=af_env,
                 health=_airflow_component("dag_processor")),
         Service("airflow-triggerer", _airflow("triggerer"), wave=5, env=af_env,
-                health=_airflow_component("triggerer")),
+                health=_triggerers(TRIGGERERS) if executor == "celery" else _airflow_component("triggerer")),
     ]
+    if executor == "celery":
+        stack = sorted(stack + celery_services(s, af_env), key=lambda svc: svc.wave)  # stable sort
+    return stack
 
 
 def supervisord_conf(svcs: list[Service]) -> str:
