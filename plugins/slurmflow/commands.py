@@ -141,20 +141,23 @@ def scontrol_show_config() -> list[str]:
     return ["scontrol", "show", "config"]
 
 
-def pack_subdir_files(root: str, subdir_glob: str, names: Sequence[str]) -> str:
-    """A gzipped tar on stdout of ``<root>/<subdir_glob>/<name>`` for every name that exists
-    (a name may be a directory: it comes whole). One round trip for any number of subdirectories,
-    where SFTP takes several per file.
+def pack_matching(root: str, patterns: Sequence[str]) -> str:
+    """A gzipped tar on stdout of what under ``root`` matches one of ``patterns`` (``find -path``
+    globs relative to ``root``: ``result.json``, ``trial-*/result.json``); a matching directory
+    comes whole. One round trip for any number of files, where SFTP takes several per file.
 
-    ``find`` does the matching (no shell globbing of our values, which are quoted); a missing
-    file is simply not in the archive.
+    ``find`` does the matching (no shell globbing of our values, which are quoted); what does not
+    exist is simply not in the archive.
     """
-    if not names:
-        raise ValueError("no file names given")
+    if not patterns:
+        raise ValueError("no file patterns given")
     tests: list[str] = []
-    for name in names:
-        tests += (["-o"] if tests else []) + ["-path", f"./{subdir_glob}/{name}"]
-    find = to_shell(["find", ".", "-mindepth", "2", "-maxdepth", "2", "(", *tests, ")", "-print0"])
+    for pattern in patterns:
+        if pattern.startswith("/") or ".." in pattern.split("/"):
+            raise ValueError(f"a pattern is relative to the root and stays below it: {pattern!r}")
+        tests += (["-o"] if tests else []) + ["-path", f"./{pattern}"]
+    depth = str(max(p.count("/") + 1 for p in patterns))
+    find = to_shell(["find", ".", "-mindepth", "1", "-maxdepth", depth, "(", *tests, ")", "-print0"])
     return f"cd {shlex.quote(root)} && {find} | tar --null -T - -czf -"
 
 

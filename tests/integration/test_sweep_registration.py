@@ -87,17 +87,23 @@ def test_a_piece_with_a_failed_trial_registers_the_rest_once(slurm_conn, stack_c
         assert int(run.data.tags["slurm.alloc_cpus"]) >= 1
 
 
-def test_download_subdir_files_brings_only_the_named_files_in_one_stream(slurm_conn, tmp_path):
+def test_download_matching_brings_only_what_matches_in_one_stream(slurm_conn, tmp_path):
     slurm = SlurmHook()
     root = f"{slurm.job_root}/it_tar/{uuid.uuid4().hex}"
     slurm.make_dirs([f"{root}/trial-0/mlruns-offline/x", f"{root}/trial-1", f"{root}/other"])
     for path, text in {"trial-0/result.json": "a", "trial-0/mlruns-offline/x/m": "m", "trial-0/big.ckpt": "no",
-                       "trial-1/config.yaml": "c", "other/result.json": "no"}.items():
+                       "trial-1/config.yaml": "c", "other/result.json": "no", "job.sbatch": "s"}.items():
         slurm.upload(f"{root}/{path}", text)
-    got = slurm.download_subdir_files(root, "trial-*", ["result.json", "config.yaml", "mlruns-offline"], tmp_path)
-    assert got == [tmp_path / "trial-0", tmp_path / "trial-1"]
-    files = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    names = ["result.json", "config.yaml", "mlruns-offline"]
+    got = slurm.download_matching(root, [f"trial-*/{n}" for n in names], tmp_path / "sweep")
+    assert got == [tmp_path / "sweep" / "trial-0", tmp_path / "sweep" / "trial-1"]
+    files = sorted(str(p.relative_to(tmp_path / "sweep")) for p in (tmp_path / "sweep").rglob("*") if p.is_file())
     assert files == ["trial-0/mlruns-offline/x/m", "trial-0/result.json", "trial-1/config.yaml"]
-    assert slurm.download_subdir_files(root, "nothing-*", ["result.json"], tmp_path / "none") == []
+    # one job directory: its own files, not its subdirectories'
+    got = slurm.download_matching(root, ["job.sbatch", "result.json"], tmp_path / "one")
+    assert got == [tmp_path / "one" / "job.sbatch"]
+    assert slurm.download_matching(root, ["nothing-*/result.json"], tmp_path / "none") == []
     with pytest.raises(Exception, match="tar|No such"):
-        slurm.download_subdir_files(f"{root}/{shlex.quote('missing dir')}", "trial-*", ["result.json"], tmp_path)
+        slurm.download_matching(f"{root}/{shlex.quote('missing dir')}", ["result.json"], tmp_path)
+    with pytest.raises(ValueError, match="stays below"):
+        slurm.download_matching(root, ["../etc/passwd"], tmp_path)

@@ -280,16 +280,17 @@ class SlurmHook(BaseHook):
             raise SlurmConnectionError(f"SFTP download of {remote} from {self.address} failed: {exc}") from exc
         return True
 
-    def download_subdir_files(self, root: str, subdir_glob: str, names: Sequence[str], local: Path) -> list[Path]:
-        """Copy ``<root>/<subdir_glob>/<name>`` (files or folders) into ``local``, keeping the
-        layout, in one round trip (a tar stream over the SSH channel); missing ones are skipped.
+    def download_matching(self, root: str, patterns: Sequence[str], local: Path) -> list[Path]:
+        """Copy what under ``root`` matches ``patterns`` (files or whole folders; see
+        :func:`slurmflow.commands.pack_matching`) into ``local``, keeping the layout, in one round
+        trip (a tar stream over the SSH channel); what is missing is skipped.
 
-        :return: the local paths of the subdirectories that had at least one of the names.
+        :return: the local paths of the top-level entries that came (``local/trial-3``, ``local/result.json``).
         :raises SlurmCommandError: ``root`` is missing or the archive could not be made.
         """
         import tarfile
 
-        status, out, err = self.exec_bytes(commands.pack_subdir_files(root, subdir_glob, names))
+        status, out, err = self.exec_bytes(commands.pack_matching(root, patterns))
         if status != 0:
             raise SlurmCommandError("tar", status, err.decode("utf-8", "replace"))
         local.mkdir(parents=True, exist_ok=True)
@@ -297,7 +298,7 @@ class SlurmHook(BaseHook):
             members = archive.getmembers()
             # "data" refuses absolute paths, links out of the tree and device files
             archive.extractall(local, filter="data")
-        return sorted({local / Path(m.name).parts[0] for m in members if len(Path(m.name).parts) > 1})
+        return sorted({local / Path(m.name).parts[0] for m in members if Path(m.name).parts})
 
     def max_array_size(self) -> int:
         """The controller's ``MaxArraySize`` (array indices must stay below it)."""

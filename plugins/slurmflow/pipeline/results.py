@@ -21,6 +21,7 @@ from slurmflow.hooks.catalog import RunCatalogHook
 from slurmflow.hooks.mlflow import MlflowHook
 from slurmflow.hooks.slurm import SlurmHook
 from slurmflow.parsing import SlurmParseError
+from slurmflow.paths import SCRIPT_FILE_NAME
 from slurmflow.usage import JobUsage
 
 log = logging.getLogger(__name__)
@@ -34,15 +35,15 @@ class ResultMissingError(RuntimeError):
 
 
 def collect(slurm: SlurmHook, job_dir: str, local_dir: Path) -> dict[str, Any]:
-    """Copy the job's results into ``local_dir``; return the parsed, completed manifest.
+    """Copy the job's results and its batch script (``job.sbatch``) into ``local_dir``, in one
+    round trip; return the parsed, completed manifest.
 
-    :param slurm: the cluster's hook (SFTP).
+    :param slurm: the cluster's hook.
     :param job_dir: the job directory on the cluster.
     :param local_dir: an empty local folder.
     :raises ResultMissingError: no ``result.json`` or a manifest that is not ``completed``.
     """
-    for name in COLLECTED:
-        slurm.download(posixpath.join(job_dir, name), local_dir / name)
+    slurm.download_matching(job_dir, [*COLLECTED, SCRIPT_FILE_NAME], local_dir)
     path = local_dir / "result.json"
     if not path.exists():
         raise ResultMissingError(f"the job wrote no result.json in {job_dir}: see the job log above")

@@ -2,7 +2,7 @@
 
 A trial costs the tracking server two requests here (its artifact, then one ``log_batch`` of
 params, metrics and tags) and the cluster nothing of its own: each piece's trial directories
-come back in one tar stream (:meth:`~slurmflow.hooks.slurm.SlurmHook.download_subdir_files`),
+come back in one tar stream (:meth:`~slurmflow.hooks.slurm.SlurmHook.download_matching`),
 the trials' runs are looked up a few hundred per search, and the trials are logged from a
 thread pool. What every trial shares (the sbatch script of its piece) is logged once, on the
 sweep's summary run, which is the trial runs' parent in MLflow's UI.
@@ -116,7 +116,7 @@ def collect(slurm: SlurmHook, trials: Sequence[Trial], local: Path) -> None:
         by_piece.setdefault(trial.piece, []).append(trial)
     for piece, members in by_piece.items():
         root = local / f"piece-{piece}"
-        slurm.download_subdir_files(members[0].job["job_dir"], "trial-*", COLLECTED, root)
+        slurm.download_matching(members[0].job["job_dir"], [f"trial-*/{name}" for name in COLLECTED], root)
         for trial in members:
             trial.local = root / f"trial-{trial.index}"
             path = trial.local / "result.json"

@@ -229,6 +229,7 @@ def sweep_job_spec(image: str, trials: list[dict[str, Any]], overrides: dict[str
 def register(job: dict[str, Any], image: str) -> dict[str, Any]:
     """Copy the results off the cluster, then log + register them in MLflow (idempotent)."""
     from slurmflow.identity import JobIdentity
+    from slurmflow.paths import SCRIPT_FILE_NAME
     from slurmflow.pipeline.results import collect
     from slurmflow.pipeline.results import register as register_run
 
@@ -239,7 +240,7 @@ def register(job: dict[str, Any], image: str) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="slurmflow-results-") as tmp:
         local = Path(tmp)
         manifest = collect(hook, job["job_dir"], local)
-        script = hook.run(["cat", job["script_path"]]).stdout
+        script = (local / SCRIPT_FILE_NAME).read_text() if (local / SCRIPT_FILE_NAME).is_file() else ""
         result = register_run(
             manifest, local, run_key=JobIdentity.from_dict(job["identity"]).run_key, job=job, image=image, sbatch_script=script,
             slurm=hook,
