@@ -182,3 +182,29 @@ def test_remove_tree_only_inside_the_job_root():
     for bad in ["/home/u/jobs", "/home/u/jobs/", "/home/u", "/home/u/jobs/../x", "/"]:
         with pytest.raises(ValueError, match="refusing"):
             hook.remove_tree(bad)
+
+
+def test_pack_matching_quotes_every_value_and_runs_in_a_real_shell(tmp_path):
+    """The one-round-trip download's command, run by a real sh against a real tree: only what
+    matches comes, a hostile root is a path, not code; patterns cannot leave the root."""
+    import io
+    import subprocess
+    import tarfile
+
+    from slurmflow.commands import pack_matching
+
+    root = tmp_path / "job dir; touch pwned"
+    (root / "trial-0" / "mlruns-offline" / "r").mkdir(parents=True)
+    (root / "trial-0" / "result.json").write_text("{}")
+    (root / "trial-0" / "mlruns-offline" / "r" / "m").write_text("m")
+    (root / "trial-0" / "model.ckpt").write_text("big")
+    (root / "job.sbatch").write_text("#!/bin/bash")
+    command = pack_matching(str(root), ["trial-*/result.json", "trial-*/mlruns-offline", "job.sbatch"])
+    out = subprocess.run(["sh", "-c", command], capture_output=True, check=True, cwd=tmp_path).stdout
+    with tarfile.open(fileobj=io.BytesIO(out), mode="r:gz") as archive:
+        names = sorted(m.name for m in archive.getmembers() if m.isfile())
+    assert names == ["./job.sbatch", "./trial-0/mlruns-offline/r/m", "./trial-0/result.json"]
+    assert not (tmp_path / "pwned").exists()
+    for bad in (["/etc/passwd"], ["../x"], []):
+        with pytest.raises(ValueError):
+            pack_matching(str(root), bad)
