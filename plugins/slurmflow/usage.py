@@ -138,37 +138,14 @@ class JobUsage:
 
     def as_tags(self) -> dict[str, str]:
         """MLflow tags (``slurm.cpu_efficiency``...); unknown figures are left out."""
-        return _tags(
-            {
-                "alloc_cpus": self.alloc_cpus,
-                "alloc_gpus": self.alloc_gpus,
-                "nodes": self.nodes,
-                "total_cpu_seconds": round(self.total_cpu_seconds, 3),
-                "cpu_efficiency": _round(self.cpu_efficiency),
-                "max_rss_bytes": self.max_rss_bytes,
-                "gpu_hours": round(self.gpu_hours, 4),
-                "energy_joules": self.energy_joules,
-            }
-        )
+        return _tags({"alloc_cpus": self.alloc_cpus, "alloc_gpus": self.alloc_gpus, "nodes": self.nodes,
+                      **_figures(self)})
 
     def as_dict(self) -> dict[str, Any]:
         """The catalog's record: plain JSON types, ``None`` for an unknown figure."""
-        return {
-            "job_id": self.job_id,
-            "array_task": self.array_task,
-            "state": self.state,
-            "runs": self.runs,
-            "elapsed_seconds": self.elapsed_seconds,
-            "alloc_cpus": self.alloc_cpus,
-            "nodes": self.nodes,
-            "alloc_gpus": self.alloc_gpus,
-            "total_cpu_seconds": round(self.total_cpu_seconds, 3),
-            "core_seconds": self.core_seconds,
-            "cpu_efficiency": _round(self.cpu_efficiency),
-            "max_rss_bytes": self.max_rss_bytes,
-            "gpu_hours": round(self.gpu_hours, 4),
-            "energy_joules": self.energy_joules,
-        }
+        return {"job_id": self.job_id, "array_task": self.array_task, "state": self.state, "runs": self.runs,
+                "elapsed_seconds": self.elapsed_seconds, "alloc_cpus": self.alloc_cpus, "nodes": self.nodes,
+                "alloc_gpus": self.alloc_gpus, "core_seconds": self.core_seconds, **_figures(self)}
 
 
 @dataclass(frozen=True)
@@ -203,28 +180,21 @@ class UsageSummary:
 
     def as_tags(self) -> dict[str, str]:
         """Tags with the same names as :meth:`JobUsage.as_tags`, plus ``slurm.tasks``."""
-        return _tags(
-            {
-                "tasks": self.tasks,
-                "total_cpu_seconds": round(self.total_cpu_seconds, 3),
-                "cpu_efficiency": _round(self.cpu_efficiency),
-                "max_rss_bytes": self.max_rss_bytes,
-                "gpu_hours": round(self.gpu_hours, 4),
-                "energy_joules": self.energy_joules,
-            }
-        )
+        return _tags({"tasks": self.tasks, **_figures(self)})
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "job_id": self.job_id,
-            "tasks": self.tasks,
-            "total_cpu_seconds": round(self.total_cpu_seconds, 3),
-            "core_seconds": self.core_seconds,
-            "cpu_efficiency": _round(self.cpu_efficiency),
-            "max_rss_bytes": self.max_rss_bytes,
-            "gpu_hours": round(self.gpu_hours, 4),
-            "energy_joules": self.energy_joules,
-        }
+        return {"job_id": self.job_id, "tasks": self.tasks, "core_seconds": self.core_seconds, **_figures(self)}
+
+
+def _figures(usage: JobUsage | UsageSummary) -> dict[str, Any]:
+    """The figures a job and a summary share, rounded as tags and catalog show them."""
+    return {
+        "total_cpu_seconds": round(usage.total_cpu_seconds, 3),
+        "cpu_efficiency": _round(usage.cpu_efficiency),
+        "max_rss_bytes": usage.max_rss_bytes,
+        "gpu_hours": round(usage.gpu_hours, 4),
+        "energy_joules": usage.energy_joules,
+    }
 
 
 def summarize(usages: Iterable[JobUsage], job_id: str | None = None) -> UsageSummary:
