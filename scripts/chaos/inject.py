@@ -90,7 +90,11 @@ def freeze_at(marker: bytes, ti_id: str, timeout: float) -> int | None:
             except OSError:
                 seen.add(name)
                 continue
-            if b"airflow" not in cmdline:  # an Airflow process may retitle itself later: look again
+            # Look again at what may still change its command line: an Airflow process retitles
+            # itself, and sshd's session child reads "sshd: ..." between its fork and its exec of
+            # the remote command (same pid), then empty while it execs -- on a loaded machine a
+            # scan lands in those gaps. (Kernel threads stay empty: a few dozen cheap re-reads.)
+            if cmdline and b"airflow" not in cmdline and not cmdline.startswith(b"sshd"):
                 seen.add(name)
             if cmdline.replace(b"\0", b" ").strip() == title:
                 task = int(name)

@@ -21,7 +21,7 @@ from tests.e2e.helpers import FIRST_RUN_TIMEOUT, wait_until
 pytestmark = pytest.mark.e2e
 
 DAG = "train_model"
-EPOCHS = 5
+EPOCHS = 20  # long enough (~1 s an epoch on an idle node) for two preemptions to land mid-training
 TRAIN_MEM_MB = 2048  # the conf's mem: the urgent job asks for half of it beyond what is free
 
 
