@@ -67,6 +67,15 @@ def processes_named(name: str) -> list[int]:
 SUBMIT_MARK = b"slurmflow-submit"
 
 
+def may_change(cmdline: bytes) -> bool:
+    """Whether a process's command line may still change, so a scan must look at it again: an
+    Airflow process retitles itself, and sshd's session child reads ``sshd: ...`` between its fork
+    and its exec of the remote command (same pid), then empty while it execs -- on a loaded machine
+    a scan lands in those gaps (CI missed a submission so). Kernel threads stay empty: a few dozen
+    cheap re-reads."""
+    return not cmdline or b"airflow" in cmdline or cmdline.startswith(b"sshd")
+
+
 def freeze_at(marker: bytes, ti_id: str, timeout: float) -> int | None:
     """SIGSTOP the process running task instance ``ti_id`` (and its descendants) the moment a
     process whose command line holds ``marker`` runs anywhere (the remote submission runs on
@@ -90,11 +99,7 @@ def freeze_at(marker: bytes, ti_id: str, timeout: float) -> int | None:
             except OSError:
                 seen.add(name)
                 continue
-            # Look again at what may still change its command line: an Airflow process retitles
-            # itself, and sshd's session child reads "sshd: ..." between its fork and its exec of
-            # the remote command (same pid), then empty while it execs -- on a loaded machine a
-            # scan lands in those gaps. (Kernel threads stay empty: a few dozen cheap re-reads.)
-            if cmdline and b"airflow" not in cmdline and not cmdline.startswith(b"sshd"):
+            if not may_change(cmdline):
                 seen.add(name)
             if cmdline.replace(b"\0", b" ").strip() == title:
                 task = int(name)
