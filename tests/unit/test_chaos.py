@@ -9,6 +9,7 @@ import random
 import pytest
 
 from scripts.chaos.__main__ import broken, parse_args
+from scripts.chaos.inject import may_change
 from scripts.chaos.observe import (
     duplicate_jobs,
     duplicate_registrations,
@@ -334,7 +335,6 @@ def test_task_process_is_found_by_the_title_airflows_task_runner_sets():
         child.wait()
 
 
-
 @pytest.mark.parametrize("cmdline, again", [
     (b"sshd: hpcuser@notty\0", True),  # sshd's session child before it execs the remote command
     (b"", True),  # mid-exec
@@ -345,6 +345,4 @@ def test_task_process_is_found_by_the_title_airflows_task_runner_sets():
 def test_freeze_at_looks_again_at_processes_that_may_still_exec_or_retitle(cmdline, again):
     """Regression (CI): marking sshd's session child seen at its first look, before it exec'd the
     submission under the same pid, made the kill-task@submit trial miss the sbatch anchor."""
-    from scripts.chaos.inject import may_change
-
     assert may_change(cmdline) is again
