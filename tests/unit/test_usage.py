@@ -253,3 +253,47 @@ def test_hook_raises_when_accounting_is_off():
     cluster = UsageCluster("", code=1, err="sacct: error: Slurm accounting storage is disabled")
     with pytest.raises(SlurmCommandError, match="accounting storage is disabled"):
         fake_hook(cluster).usage(["1"])
+
+
+# --- usage_of: registration waits for accounting to catch up ---------------------------------------
+
+
+class LaggingCluster(FakeCluster):
+    """slurmdbd a moment behind slurmctld: each sacct answers with the next recorded text."""
+
+    def __init__(self, *answers: str) -> None:
+        super().__init__()
+        self.answers = list(answers)
+
+    def _sacct(self, argv):
+        return 0, self.answers.pop(0) if len(self.answers) > 1 else self.answers[0], ""
+
+
+RUNNING_7 = "7|RUNNING|3|00:00:00|6|2|cpu=2,mem=512M,node=1|||1\n"
+ENDED_7 = "7|COMPLETED|5|00:04.196|10|2|cpu=2,mem=512M,node=1||0|1\n7.batch|COMPLETED|5|00:04.1|10|2|cpu=2|90432K|0|1\n"
+
+
+def test_usage_of_asks_again_until_accounting_has_the_end():
+    from slurmflow.pipeline.results import usage_of
+
+    cluster, slept = LaggingCluster("", RUNNING_7, ENDED_7), []
+    usage = usage_of(fake_hook(cluster), ["7"], sleep=slept.append)
+    assert usage["7"].state == "COMPLETED" and usage["7"].max_rss_bytes == 90432 * KIB
+    assert cluster.tools() == ["sacct"] * 3 and slept == [0.5, 1.0]
+
+
+def test_usage_of_gives_up_after_settle_with_what_accounting_has():
+    from slurmflow.pipeline.results import usage_of
+
+    cluster = LaggingCluster(RUNNING_7)
+    usage = usage_of(fake_hook(cluster), ["7"], settle=0.0, sleep=pytest.fail)
+    assert usage["7"].state == "RUNNING" and cluster.tools() == ["sacct"]
+
+
+def test_usage_of_waits_only_for_the_tasks_that_ran():
+    from slurmflow.pipeline.results import usage_of
+
+    ended = "9_0|COMPLETED|1|00:00.5|1|1|cpu=1|||1\n9_1|FAILED|1|00:00.5|1|1|cpu=1|||1\n"
+    cluster = LaggingCluster(ended)  # 9_2 was cancelled before it started: no record of its own
+    usage = usage_of(fake_hook(cluster), ["9"], expect=["9_0", "9_1"], sleep=pytest.fail)
+    assert sorted(usage) == ["9_0", "9_1"] and cluster.tools() == ["sacct"]

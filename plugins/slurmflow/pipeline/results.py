@@ -12,7 +12,8 @@ import json
 import logging
 import posixpath
 import re
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +23,15 @@ from slurmflow.hooks.mlflow import MlflowHook
 from slurmflow.hooks.slurm import SlurmHook
 from slurmflow.parsing import SlurmParseError
 from slurmflow.paths import SCRIPT_FILE_NAME
+from slurmflow.states import SlurmState
 from slurmflow.usage import JobUsage
 
 log = logging.getLogger(__name__)
 
 #: what the orchestrator copies back from a job directory (model weights stay in MLflow's store)
 COLLECTED = ("result.json", "tracking.json", "config.yaml", "mlruns-offline")
+#: at most this long a registration waits for accounting to record its jobs' ends
+ACCOUNTING_SETTLE_S = 20.0
 
 
 class ResultMissingError(RuntimeError):
@@ -88,16 +92,38 @@ def slurm_tags(job: Mapping[str, Any], image: str, gpus_per_node: int = 0) -> di
     return {k: str(v) for k, v in tags.items() if v not in (None, "")}
 
 
-def usage_of(slurm: SlurmHook | None, job_ids: list[str]) -> dict[str, JobUsage]:
+def usage_of(slurm: SlurmHook | None, job_ids: list[str], expect: Sequence[str] | None = None,
+             settle: float = ACCOUNTING_SETTLE_S, sleep: Callable[[float], None] = time.sleep) -> dict[str, JobUsage]:
     """What the jobs used, from accounting (:meth:`SlurmHook.usage`), or ``{}`` when it cannot
-    say: usage facts add to a registration, they never fail one."""
+    say: usage facts add to a registration, they never fail one.
+
+    slurmdbd records a job's end a moment after slurmctld ends it, so a registration that
+    starts right at the end would read a job still ``RUNNING`` (or not yet there): this asks
+    again, backing off, until every job in ``expect`` (default ``job_ids``) has a record of a
+    finished run, for at most ``settle`` seconds; after that it takes what accounting has.
+
+    :param expect: the ids (as Slurm prints them: ``123``, ``123_4``) that must have ended,
+        e.g. the array tasks that ran; ``job_ids`` may name their arrays instead.
+    """
     if slurm is None or not job_ids:
         return {}
-    try:
-        return slurm.usage(job_ids)
-    except (SlurmError, SlurmParseError) as exc:
-        log.warning("No usage figures for Slurm job(s) %s: %s", ", ".join(job_ids), exc)
-        return {}
+    expect = list(job_ids if expect is None else expect)
+    deadline, delay = time.monotonic() + settle, 0.5
+    while True:
+        try:
+            found = slurm.usage(job_ids)
+        except (SlurmError, SlurmParseError) as exc:
+            log.warning("No usage figures for Slurm job(s) %s: %s", ", ".join(job_ids), exc)
+            return {}
+        waiting = [j for j in expect if j not in found or not SlurmState.parse(found[j].state)[0].ends_run]
+        if not waiting:
+            return found
+        if time.monotonic() + delay > deadline:
+            log.info("Accounting has not recorded the end of %d job(s) (%s...) after %.0f s: "
+                     "their usage figures are left out or partial", len(waiting), waiting[0], settle)
+            return found
+        sleep(delay)
+        delay = min(delay * 2, 4.0)
 
 
 def metrics_of(manifest: Mapping[str, Any]) -> dict[str, float]:

@@ -168,7 +168,9 @@ def usage(slurm: SlurmHook, trials: Sequence[Trial]) -> UsageSummary | None:
     from slurmflow.pipeline.results import usage_of
     from slurmflow.usage import summarize
 
-    found = usage_of(slurm, sorted({str(t.job["job_id"]) for t in trials}))
+    # Wait for the trials that ran; one cancelled before it started has no record of its own.
+    ran = [t.slurm_job_id for t in trials if t.completed or t.state not in ("", "CANCELLED", "UNKNOWN")]
+    found = usage_of(slurm, sorted({str(t.job["job_id"]) for t in trials}), expect=ran)
     for trial in trials:
         trial.usage = found.get(trial.slurm_job_id)
     measured = [t.usage for t in trials if t.usage]
