@@ -22,11 +22,13 @@ deps: venv  ## install Debian packages and the Python environment
 	@scripts/install_system.sh
 
 # The venv is rebuilt when a requirements file changes; uv + find-links takes the local CPU torch wheel.
+# --compile-bytecode: uv leaves no .pyc behind, and where PYTHONDONTWRITEBYTECODE is set (CI, some
+# shells) every Airflow task process then compiled Airflow and MLflow from source (2-3x its start-up).
 venv: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt requirements-dev.txt training/pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	@test -x $(UV) || $(VENV)/bin/pip install -q "uv==0.13.9"
-	$(UV) pip install -q --python $(PY) --find-links $(FIND_LINKS) -r requirements.txt -r requirements-dev.txt
+	$(UV) pip install -q --compile-bytecode --python $(PY) --find-links $(FIND_LINKS) -r requirements.txt -r requirements-dev.txt
 	@$(PY) -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	@touch $@
 

@@ -141,7 +141,7 @@ def test_settings_are_validated_and_pacing_backs_off():
         WaitSettings(poll_interval=10, max_poll_interval=5)
     assert WaitSettings.from_dict({"poll_interval": 3, "log_pattern": "ignored"}).poll_interval == 3
     assert next_interval(None, 2, 60, changed=False) == 2
-    assert next_interval(2, 2, 60, changed=False) == 3
+    assert next_interval(2, 2, 60, changed=False) == 2.5
     assert next_interval(50, 2, 60, changed=False) == 60
     assert next_interval(50, 2, 60, changed=True) == 2
     assert next_interval(50, 2, 60, changed=False, failures=3) == 16
