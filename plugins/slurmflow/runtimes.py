@@ -632,7 +632,7 @@ def _render_apptainer(spec: ContainerSpec, *, binary: str = "apptainer") -> list
     prefix = "APPTAINERENV_" if binary == "apptainer" else "SINGULARITYENV_"
     body = [f"sf_load_env {_pw(spec.env_file)}"] if spec.env_file else []
     body += [f"export {prefix}{k}={shlex.quote(v)}" for k, v in spec.env.items()]
-    return [*lines, *_subshell(body, words)]
+    return [*lines, *_subshell(body, [*spec.launcher, *words])]
 
 
 def _subshell(body: Sequence[str], words: Sequence[str]) -> list[str]:

@@ -88,6 +88,7 @@ _GPUS = r"([A-Za-z0-9_.-]+:)?\d+"
 _MEM = r"\d+[KMGT]?"
 _SIGNAL = r"((B|R|RB|BR):)?(SIG)?[A-Z0-9]{1,10}(@\d{1,6})?"
 _HOSTLIST = r"[A-Za-z0-9_.\[\],-]+"
+_BIND = r"([a-z_]+,)*[a-z_]+(:[0-9A-Fa-fx,]+)?"
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,13 @@ OPTIONS: dict[str, OptionSpec] = {
     "begin": OptionSpec("--begin", _pattern(r"[A-Za-z0-9:+-]{1,40}", "a begin time such as now+60"), "earliest start"),
     "nice": OptionSpec("--nice", _pattern(r"-?\d{1,7}", "an integer"), "scheduling niceness"),
     "hint": OptionSpec("--hint", _pattern(r"[a-z_]+", "a hint such as nomultithread"), "task layout hint"),
+    "gpu_bind": OptionSpec("--gpu-bind", _pattern(_BIND, "a binding such as closest or map_gpu:0,1"), "GPU binding"),
+    "cpus_per_gpu": OptionSpec("--cpus-per-gpu", _int_range(1, 10_000), "CPUs per GPU"),
+    "distribution": OptionSpec("--distribution", _pattern(r"[a-z*]+(:[a-z*]+){0,2}(,[A-Za-z]+)?",
+                                                          "a distribution such as block:block"), "task distribution"),
+    "wckey": OptionSpec("--wckey", _pattern(_NAME, "a wckey name"), "workload characterization key"),
+    "cpu_freq": OptionSpec("--cpu-freq", _pattern(r"[A-Za-z0-9]+(-[A-Za-z0-9]+)?(:[A-Za-z]+)?",
+                                                  "a frequency such as 2250000 or High"), "CPU frequency"),
     "licenses": OptionSpec("--licenses", _pattern(r"[A-Za-z0-9_@:,.-]+", "a license list"), "licenses"),
     "tmp": OptionSpec("--tmp", _pattern(_MEM, "disk size such as 10G"), "temporary disk"),
     "mail_type": OptionSpec("--mail-type", _pattern(r"[A-Z_0-9]+(,[A-Z_0-9]+)*", "mail types such as END,FAIL"), "mail events"),

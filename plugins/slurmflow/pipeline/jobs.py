@@ -66,8 +66,16 @@ def training_argv(params: Mapping[str, Any]) -> list[str]:
     return argv
 
 
+#: Params that map one to one onto an sbatch option of the same name, when set.
+_PLAIN_OPTIONS = ("qos", "constraint", "hint", "gpu_bind", "distribution", "wckey")
+
+
 def sbatch_options(params: Mapping[str, Any], site: Site, array: str | None = None) -> dict[str, Any]:
-    """Slurm resources from the Params; empty partition/account fall back to the site's."""
+    """Slurm resources from the Params; empty partition/account fall back to the site's.
+
+    :raises ValueError: a combination the Params' schemas cannot refuse on their own (both
+        ``gpus`` and ``gpus_per_node``; an ``sbatch_extra`` option that has its own Param).
+    """
     opts: dict[str, Any] = {
         "partition": params.get("partition") or site.partition,
         "account": params.get("account") or site.account,
@@ -79,21 +87,40 @@ def sbatch_options(params: Mapping[str, Any], site: Site, array: str | None = No
         "signal": PREEMPT_SIGNAL,
         "requeue": True,
     }
-    if params.get("qos"):
-        opts["qos"] = params["qos"]
-    if int(params.get("gpus_per_node") or 0):
-        opts["gpus_per_node"] = str(int(params["gpus_per_node"]))
+    opts.update({k: params[k] for k in _PLAIN_OPTIONS if params.get(k)})
+    gpus, per_node = int(params.get("gpus") or 0), int(params.get("gpus_per_node") or 0)
+    if gpus and per_node:
+        raise ValueError(f"gpus={gpus} and gpus_per_node={per_node}: set one of them (the job's total or "
+                         "each node's), not both")
+    if per_node:
+        opts["gpus_per_node"] = str(per_node)
+    if gpus:
+        opts["gpus"] = str(gpus)
+    if params.get("exclusive"):
+        opts["exclusive"] = True
+    extra = dict(params.get("sbatch_extra") or {})
+    taken = sorted(set(extra) & (set(opts) | set(_PLAIN_OPTIONS)))
+    if taken:
+        raise ValueError(f"sbatch_extra sets {', '.join(taken)}: use the Param(s) of that name")
+    opts.update(extra)
     if array:
         opts["array"] = array
     return opts
 
 
+def gpus_requested(params: Mapping[str, Any]) -> bool:
+    return int(params.get("gpus") or 0) > 0 or int(params.get("gpus_per_node") or 0) > 0
+
+
 def container_options(params: Mapping[str, Any], site: Site) -> dict[str, Any]:
     """Keyword arguments of :func:`~slurmflow.runtimes.container_command` for a training job."""
     multi = int(params["nodes"]) * int(params["ntasks_per_node"]) > 1
+    launcher = ["srun", "--kill-on-bad-exit=1"]
+    if params.get("cpu_bind"):  # srun's alone (sbatch has no --cpu-bind): a single task goes through srun too
+        launcher.append(f"--cpu-bind={params['cpu_bind']}")
     env = {"MLFLOW_TRACKING_URI": site.tracking_uri, **site.extra_env}
     return {
-        "gpus": int(params.get("gpus_per_node") or 0) > 0,
+        "gpus": gpus_requested(params),
         "binds": ["$SLURMFLOW_JOB_DIR"],
         # plain values only: they are written into the script and onto the runtime's command line
         "env": {k: v for k, v in env.items() if v},
@@ -104,7 +131,7 @@ def container_options(params: Mapping[str, Any], site: Site) -> dict[str, Any]:
         "insecure_registry": site.insecure_registry,
         "run_args": list(site.run_args),
         # One process per Slurm task for DDP: srun starts them, Lightning's SLURMEnvironment wires them.
-        "launcher": ["srun", "--kill-on-bad-exit=1"] if multi else [],
+        "launcher": launcher if multi or params.get("cpu_bind") else [],
     }
 
 

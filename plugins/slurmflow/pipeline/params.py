@@ -16,6 +16,14 @@ NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 SLURM_TIME = r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$"
 SLURM_MEM = r"^\d+[KMGT]?$"
 SLURM_NAME = r"^[A-Za-z0-9_.-]{1,64}$"
+HINTS = ("nomultithread", "multithread", "compute_bound", "memory_bound")
+#: sbatch options a user may add by name (Param ``sbatch_extra``) beyond the ones that have a
+#: Param: a policy, each one a key of :data:`slurmflow.sbatch.OPTIONS`, whose check applies at
+#: preflight. Options the project sets itself (job name, output, signal, array...) are not here.
+EXTRA_SBATCH = ("reservation", "mail_type", "mail_user", "begin", "nice", "licenses", "tmp", "mem_per_gpu",
+                "cpus_per_gpu", "gres", "time_min", "exclude", "nodelist", "cpu_freq")
+#: what any value of ``sbatch_extra`` may contain at trigger time (no quotes, spaces or shell syntax)
+EXTRA_VALUE = r"^[A-Za-z0-9_.,:@%+=\[\]-]{1,256}$"
 
 
 #: The MongoDB query operators a user may type in a filter (data_query). Everything else with a
@@ -118,6 +126,27 @@ def slurm_params() -> dict[str, Param]:
                      description="Memory per node, e.g. 2G or 64000M."),
         "time_limit": Param("00:30:00", type="string", pattern=SLURM_TIME, section="Slurm",
                             description="Wall-clock limit, [D-]HH:MM:SS; training checkpoints 60 s before it."),
+        "gpus": Param(0, type="integer", minimum=0, maximum=4096, section="Slurm",
+                      description="GPUs for the whole job (--gpus), placed by Slurm; set this or "
+                                  "gpus_per_node, not both."),
+        "exclusive": Param(False, type="boolean", section="Slurm", description="Whole nodes (--exclusive)."),
+        "constraint": optional(r"^[A-Za-z0-9_&|,*:.\[\]()!-]{1,256}$", section="Slurm",
+                               description="Node features (--constraint), e.g. a100&ib."),
+        "hint": optional(enum=HINTS, section="Slurm", description="Task layout (--hint), e.g. nomultithread: "
+                                                                   "one task per core."),
+        "cpu_bind": optional(r"^([a-z_]+,)*[a-z_]+(:[0-9A-Fa-fx,]+)?$", section="Slurm",
+                             description="Binding of each training process (srun --cpu-bind), e.g. "
+                                         "verbose,map_cpu:0,8,16,24."),
+        "gpu_bind": optional(r"^([a-z_]+,)*[a-z_]+(:[0-9A-Fa-fx,]+)?$", section="Slurm",
+                             description="GPU binding (--gpu-bind), e.g. closest or map_gpu:0,1,2,3."),
+        "distribution": optional(r"^[a-z*]+(:[a-z*]+){0,2}(,[A-Za-z]+)?$", section="Slurm",
+                                 description="Task distribution (--distribution), e.g. block:block."),
+        "wckey": optional(SLURM_NAME, section="Slurm", description="Workload characterization key (--wckey)."),
+        "sbatch_extra": Param({}, type="object", section="Slurm", propertyNames={"enum": list(EXTRA_SBATCH)},
+                              additionalProperties={"type": ["string", "integer"], "pattern": EXTRA_VALUE},
+                              description="Other sbatch options, by name: " + ", ".join(EXTRA_SBATCH)
+                                          + ". Each value is checked against the option's own pattern "
+                                            "at preflight."),
         "container_runtime": optional(enum=RUNTIMES, section="Slurm",
                                       description="Container runtime on the cluster; empty = Variable "
                                                   "slurmflow_container_runtime."),

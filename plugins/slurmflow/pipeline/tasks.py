@@ -153,8 +153,11 @@ def preflight() -> str:
     params = get_current_context()["params"]
     hook = _slurm_hook()
     job_dir = f"{hook.job_root}/preflight/{uuid.uuid4().hex}"
-    script = build_script(command="true", job_name="slurmflow-preflight", job_dir=job_dir,
-                          options=sbatch_options(params, site_settings()))
+    try:
+        script = build_script(command="true", job_name="slurmflow-preflight", job_dir=job_dir,
+                              options=sbatch_options(params, site_settings()))
+    except ValueError as exc:  # a combination of Params, or an sbatch_extra value: bad input, no retry
+        raise AirflowFailException(f"invalid Slurm resources: {exc}") from exc
     hook.stage(script, render_script(script), None)
     try:
         return hook.test_only(script.script_path)

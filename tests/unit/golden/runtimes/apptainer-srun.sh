@@ -17,4 +17,4 @@ if [ ! -e "$sf_img" ]; then
     mv -f "$sf_tmp" "$sf_img"
   ) 9>"$sf_img.lock" || exit 1
 fi
-apptainer exec --nv "$sf_img" python -m hpctrain fit --config '/scratch/jobs/nightly run 7/config.yaml'
+srun --kill-on-bad-exit=1 apptainer exec --nv "$sf_img" python -m hpctrain fit --config '/scratch/jobs/nightly run 7/config.yaml'
