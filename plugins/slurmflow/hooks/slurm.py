@@ -365,11 +365,13 @@ class SlurmHook(BaseHook):
 
         :return: Slurm's message (e.g. ``Job 12 to start at ... on nodes x in partition debug``).
         :raises SlurmSubmitError: the job would be rejected.
+        :raises SlurmCommandError: the controller did not answer (try again later).
         """
         result = self.run(commands.sbatch_test_only(script_path))
         message = (result.stderr or result.stdout).strip()
         if result.exit_code != 0:
-            raise SlurmSubmitError("sbatch --test-only", result.exit_code, message)
+            error = SlurmCommandError if any(m in message for m in _TRANSIENT_SBATCH) else SlurmSubmitError
+            raise error("sbatch --test-only", result.exit_code, message)
         return message
 
     def read_logs(self, reads: Sequence[LogRead]) -> list[LogChunk]:

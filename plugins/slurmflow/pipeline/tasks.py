@@ -147,6 +147,7 @@ def reap(train_task: str = "train") -> str:
 def preflight() -> str:
     """``sbatch --test-only`` with the run's resources: a bad partition/account/QOS fails here,
     before an image is built or anything is queued."""
+    from slurmflow.errors import SlurmSubmitError
     from slurmflow.pipeline.jobs import sbatch_options
     from slurmflow.sbatch import build_script, render_script
 
@@ -161,6 +162,8 @@ def preflight() -> str:
     hook.stage(script, render_script(script), None)
     try:
         return hook.test_only(script.script_path)
+    except SlurmSubmitError as exc:  # Slurm's "no" to these resources: a retry gets the same answer
+        raise AirflowFailException(f"Slurm would reject this job: {exc}") from exc
     finally:
         hook.remove_tree(job_dir)
 
