@@ -8,6 +8,9 @@ shows the same two confs.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import jsonschema
 import pytest
 
@@ -99,3 +102,41 @@ def test_the_trigger_form_refuses_other_names_and_shell_syntax(extra, reason):
 def test_the_extra_allow_list_is_a_subset_of_what_sbatch_checks():
     assert set(EXTRA_SBATCH) <= set(OPTIONS)
     assert not set(EXTRA_SBATCH) & set(train_params()), "an option with its own Param is set through it"
+
+
+# --- GPU wire-up: one process per GPU, NCCL's interface from the site, a golden script ----------
+
+GOLDEN = Path(__file__).parent / "golden" / "jobs"
+UPDATE = os.environ.get("SLURMFLOW_UPDATE_GOLDEN") == "1"
+GPU_SITE = Site(partition="gpu", account="z19", runtime="podman-hpc", tracking_uri="https://mlflow.example",
+                extra_env={"NCCL_SOCKET_IFNAME": "hsn", "NCCL_DEBUG": "WARN"})
+
+
+def test_two_node_gpu_ddp_job_is_rendered_as_the_golden_file():
+    """2 nodes x 4 GPUs, four tasks per node, each task one process of DDP with its closest GPU,
+    NCCL told the site's high-speed interface; regenerate with SLURMFLOW_UPDATE_GOLDEN=1."""
+    conf = {"task": "deepcam", "nodes": 2, "ntasks_per_node": 4, "gpus_per_node": 4, "cpus_per_task": 8,
+            "gpu_bind": "closest", "time_limit": "01:00:00", "exclusive": True}
+    job = training_job(params(**conf), IMAGE, GPU_SITE)
+    script = build_script(command=job["command"], job_name="train.0123456789ab.g0",
+                          job_dir="/pscratch/u/slurmflow-jobs/train_model/r1/train/g0", options=job["sbatch_options"])
+    text = render_script(script)
+    path = GOLDEN / "deepcam-2x4-gpu.sbatch"
+    if UPDATE:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    assert path.exists(), f"missing golden file {path}; run with SLURMFLOW_UPDATE_GOLDEN=1"
+    assert text == path.read_text()
+    assert "#SBATCH --gpus-per-node=4" in text and "#SBATCH --gpu-bind=closest" in text
+    assert "srun --kill-on-bad-exit=1 podman-hpc run" in text and "--gpu" in text
+    assert "NCCL_SOCKET_IFNAME=hsn" in text
+
+
+@pytest.mark.parametrize("conf, reason", [
+    ({"nodes": 2, "ntasks_per_node": 2, "gpus_per_node": 4}, "ntasks_per_node=2 but 4 GPU"),
+    ({"nodes": 2, "ntasks_per_node": 1, "gpus": 8}, "set ntasks_per_node=4"),
+    ({"nodes": 3, "ntasks_per_node": 1, "gpus": 8}, "does not split evenly"),
+])
+def test_gpus_and_processes_must_pair_up(conf, reason):
+    with pytest.raises(ValueError, match=reason):
+        sbatch_options(params(**conf), SITE)

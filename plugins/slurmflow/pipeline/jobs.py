@@ -33,6 +33,8 @@ class Site:
     :param tracking_uri: MLflow as seen from compute nodes (training falls back to offline).
     :param run_args: site flags for the runtime (e.g. podman's ``--runtime runc``).
     :param insecure_registry: the registry speaks plain HTTP (the local stack).
+    :param extra_env: plain variables for every job's container (Variable ``slurmflow_job_env``),
+        e.g. the site's ``NCCL_SOCKET_IFNAME``; never secrets: they are written into the script.
     """
 
     partition: str
@@ -96,6 +98,7 @@ def sbatch_options(params: Mapping[str, Any], site: Site, array: str | None = No
         opts["gpus_per_node"] = str(per_node)
     if gpus:
         opts["gpus"] = str(gpus)
+    _one_process_per_gpu(int(params["nodes"]), int(params["ntasks_per_node"]), gpus, per_node)
     if params.get("exclusive"):
         opts["exclusive"] = True
     extra = dict(params.get("sbatch_extra") or {})
@@ -106,6 +109,19 @@ def sbatch_options(params: Mapping[str, Any], site: Site, array: str | None = No
     if array:
         opts["array"] = array
     return opts
+
+
+def _one_process_per_gpu(nodes: int, tasks_per_node: int, gpus: int, per_node: int) -> None:
+    """DDP runs one training process per Slurm task and gives each its own GPU (Lightning takes
+    ``devices`` from the tasks per node): other counts leave GPUs idle or share one."""
+    if not (gpus or per_node):
+        return
+    if gpus and gpus % nodes:
+        raise ValueError(f"gpus={gpus} does not split evenly over nodes={nodes}")
+    wanted = per_node or gpus // nodes
+    if tasks_per_node != wanted:
+        raise ValueError(f"one training process per GPU: ntasks_per_node={tasks_per_node} but {wanted} "
+                         f"GPU(s) per node; set ntasks_per_node={wanted}")
 
 
 def gpus_requested(params: Mapping[str, Any]) -> bool:

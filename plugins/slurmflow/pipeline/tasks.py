@@ -88,6 +88,8 @@ def site_settings(home: str | None = None) -> Site:
                                   default=f"{mlflow.schema or 'http'}://{mlflow.host}:{mlflow.port}"),
         run_args=json.loads(Variable.get("slurmflow_runtime_args", default="[]")),
         insecure_registry=Variable.get("slurmflow_insecure_registry", default="false").lower() == "true",
+        # plain settings every job's container gets, e.g. {"NCCL_SOCKET_IFNAME": "hsn"}; never secrets
+        extra_env=json.loads(Variable.get("slurmflow_job_env", default="{}")),
     )
 
 
