@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO / "plugins"))  # slurmflow.identity: the one place j
 
 from scripts.airflow_api import AirflowAPI  # noqa: E402
 from scripts.chaos import observe, report  # noqa: E402
-from scripts.chaos.table import FAULTS, PHASES, plan, select_faults  # noqa: E402
+from scripts.chaos.table import FAULTS, PHASES, fewest_first, plan, select_faults  # noqa: E402
 from scripts.chaos.trial import Trial, check_orphans  # noqa: E402
 from tests.conftest import read_stack_env  # noqa: E402
 
@@ -123,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(exc, file=sys.stderr)
         return 2
+    if args.append:  # rounds that carry on where earlier runs left off: the least-covered pairs first
+        specs = fewest_first(specs, results.get("trials", []))
     seed = args.seed if args.seed is not None else int(time.time())
     rng = random.Random(seed)
     env = read_stack_env()

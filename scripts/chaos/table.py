@@ -10,7 +10,8 @@ the fault *kinds*.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -27,7 +28,7 @@ FaultKind = Literal["kill_tree", "kill_task", "outage", "restart", "node_fail", 
 Anchor = Literal["state", "job_start", "training", "job_end", "sbatch"]
 
 #: Conf of a training long enough to fault mid-stream, preemptible (partition ``spot``).
-LONG_TRAINING: dict[str, Any] = {"max_epochs": 20, "partition": "spot", "mem": "2048M"}
+LONG_TRAINING: dict[str, Any] = {"max_epochs": 60, "partition": "spot", "mem": "2048M"}
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,8 @@ PHASES: dict[str, Phase] = {p.name: p for p in (
     Phase("job-end", "train", ("deferred",), (0.0, 1.0),
           "the job has just ended: the controller and accounting record the end, the trigger "
           "reports it", anchor="job_end"),
-    Phase("register", "register", ("running",), (0.0, 3.0),
+    # register takes 1.5-2 s on the warm stack (bytecode, preloaded imports): a later fault missed it
+    Phase("register", "register", ("running",), (0.0, 1.0),
           "the register task copies the results off the cluster and logs them to MLflow"),
     # catalog lasts about half a second: its phase starts when it is scheduled, so that a fault
     # can land before its first Mongo call as well as during it.
@@ -243,3 +245,11 @@ def plan(faults: Iterable[Fault], trials: int, phases: Iterable[str] | None = No
         raise ValueError(f"unknown phase(s) {', '.join(sorted(unknown))}; valid: {', '.join(PHASES)}")
     pairs = [(f, PHASES[p]) for f in faults for p in f.phases if not wanted or p in wanted]
     return [TrialSpec(f, p, i) for i in range(trials) for f, p in pairs]
+
+
+def fewest_first(specs: list[TrialSpec], done: Iterable[Mapping[str, Any]]) -> list[TrialSpec]:
+    """The same trials, each pair's rounds counted on from the trials already recorded for it
+    (those whose fault landed in its phase), lowest round first: an appended run fills the pairs
+    with the fewest trials before it adds to the others."""
+    have = Counter((t["fault"], t["phase"]) for t in done if t.get("phase_hit"))
+    return sorted(specs, key=lambda s: have[(s.fault.name, s.phase.name)] + s.index)

@@ -346,3 +346,15 @@ def test_freeze_at_looks_again_at_processes_that_may_still_exec_or_retitle(cmdli
     """Regression (CI): marking sshd's session child seen at its first look, before it exec'd the
     submission under the same pid, made the kill-task@submit trial miss the sbatch anchor."""
     assert may_change(cmdline) is again
+
+
+def test_an_appended_run_fills_the_least_covered_pairs_first():
+    from scripts.chaos.table import FAULTS, fewest_first, plan
+
+    specs = plan([FAULTS["kill-triggerer"], FAULTS["stop-sshd"]], 2)
+    done = [{"fault": "kill-triggerer", "phase": "submit", "phase_hit": True}] * 2 + \
+           [{"fault": "stop-sshd", "phase": "submit", "phase_hit": False}]  # missed its phase: not counted
+    order = [(s.fault.name, s.phase.name, s.index) for s in fewest_first(specs, done)]
+    assert order[0][:2] != ("kill-triggerer", "submit")
+    assert order[-2:] == [("kill-triggerer", "submit", 0), ("kill-triggerer", "submit", 1)]
+    assert sorted(order) == sorted((s.fault.name, s.phase.name, s.index) for s in specs)  # nothing lost
