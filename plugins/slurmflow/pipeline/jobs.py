@@ -125,6 +125,7 @@ def _one_process_per_gpu(nodes: int, tasks_per_node: int, gpus: int, per_node: i
 
 
 def gpus_requested(params: Mapping[str, Any]) -> bool:
+    """The run asks for GPUs (in total or per node): the container gets the GPU flag."""
     return int(params.get("gpus") or 0) > 0 or int(params.get("gpus_per_node") or 0) > 0
 
 

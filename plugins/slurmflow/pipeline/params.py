@@ -16,6 +16,7 @@ NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 SLURM_TIME = r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$"
 SLURM_MEM = r"^\d+[KMGT]?$"
 SLURM_NAME = r"^[A-Za-z0-9_.-]{1,64}$"
+SLURM_BIND = r"^([a-z_]+,)*[a-z_]+(:[0-9A-Fa-fx,]+)?$"  # --cpu-bind / --gpu-bind: closest, map_gpu:0,1
 HINTS = ("nomultithread", "multithread", "compute_bound", "memory_bound")
 #: sbatch options a user may add by name (Param ``sbatch_extra``) beyond the ones that have a
 #: Param: a policy, each one a key of :data:`slurmflow.sbatch.OPTIONS`, whose check applies at
@@ -134,10 +135,10 @@ def slurm_params() -> dict[str, Param]:
                                description="Node features (--constraint), e.g. a100&ib."),
         "hint": optional(enum=HINTS, section="Slurm", description="Task layout (--hint), e.g. nomultithread: "
                                                                    "one task per core."),
-        "cpu_bind": optional(r"^([a-z_]+,)*[a-z_]+(:[0-9A-Fa-fx,]+)?$", section="Slurm",
+        "cpu_bind": optional(SLURM_BIND, section="Slurm",
                              description="Binding of each training process (srun --cpu-bind), e.g. "
                                          "verbose,map_cpu:0,8,16,24."),
-        "gpu_bind": optional(r"^([a-z_]+,)*[a-z_]+(:[0-9A-Fa-fx,]+)?$", section="Slurm",
+        "gpu_bind": optional(SLURM_BIND, section="Slurm",
                              description="GPU binding (--gpu-bind), e.g. closest or map_gpu:0,1,2,3."),
         "distribution": optional(r"^[a-z*]+(:[a-z*]+){0,2}(,[A-Za-z]+)?$", section="Slurm",
                                  description="Task distribution (--distribution), e.g. block:block."),
