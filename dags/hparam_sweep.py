@@ -20,13 +20,13 @@ from airflow.sdk import Param, dag
 
 from slurmflow.operators.image import BuildImageOperator
 from slurmflow.pipeline import tasks
-from slurmflow.pipeline.params import hyperparameters, model_params, slurm_params
+from slurmflow.pipeline.params import draft7, hyperparameters, model_params, slurm_params
 from slurmflow.retries import SERVICE_RETRIES
 
 default_args = {"owner": "ml-platform", "retries": 1, "retry_delay": timedelta(minutes=2)}
 LOGICAL_DAY = "(dag_run.logical_date or dag_run.run_after) | ds"
 
-params = {
+params = draft7({
     **model_params("surrogate"),
     **hyperparameters(max_epochs=2),
     **slurm_params(),
@@ -55,7 +55,7 @@ params = {
                                              "otherwise the best completed trial is registered."),
     "window_days": Param(3, type="integer", minimum=1, maximum=365, section="Data",
                          description="Data window: the campaign days up to the logical date."),
-}
+})
 
 
 @dag(

@@ -15,12 +15,12 @@ from airflow.sdk import Param, dag
 
 from slurmflow.operators.image import BuildImageOperator
 from slurmflow.pipeline import tasks
-from slurmflow.pipeline.params import hyperparameters, model_params, slurm_params
+from slurmflow.pipeline.params import draft7, hyperparameters, model_params, slurm_params
 from slurmflow.retries import SERVICE_RETRIES
 
 default_args = {"owner": "ml-platform", "retries": 1, "retry_delay": timedelta(minutes=5)}
 
-params = {
+params = draft7({
     **model_params("surrogate"),
     **hyperparameters(max_epochs=5),
     **slurm_params(),
@@ -29,7 +29,7 @@ params = {
     "promotion_margin": Param(0.0, type="number", minimum=0, maximum=1, section="Promotion",
                               description="Relative improvement of the held-out metric required to promote "
                                           "(0.02 = 2 % better)."),
-}
+})
 
 
 @dag(

@@ -130,3 +130,16 @@ def test_tasks_that_call_a_service_ride_out_its_restart(dagbag):
                 assert (task.retries, task.retry_delay, task.retry_exponential_backoff, task.max_retry_delay) == want, (
                     dag_id, task.task_id)
     assert checked == service_tasks
+
+
+@pytest.mark.parametrize("dag_id", ["train_model", "nightly_retrain", "hparam_sweep"])
+def test_every_param_is_a_valid_draft7_schema(dagbag, dag_id):
+    """Parse-time validation checks each schema against its dialect's metaschema: draft 7 is the
+    cheap one (slurmflow.pipeline.params.draft7); a Param added without it slows every parse."""
+    import jsonschema
+
+    from slurmflow.pipeline.params import DRAFT_7
+
+    for name, param in dagbag.dags[dag_id].params.items():
+        assert param.schema.get("$schema") == DRAFT_7, f"{dag_id}.{name}: wrap the DAG's Params in draft7()"
+        jsonschema.Draft7Validator.check_schema(param.schema)

@@ -156,4 +156,22 @@ def slurm_params() -> dict[str, Param]:
 
 def train_params() -> dict[str, Param]:
     """All Params of ``train_model``."""
-    return {**model_params(), **hyperparameters(), **slurm_params()}
+    return draft7({**model_params(), **hyperparameters(), **slurm_params()})
+
+
+#: The JSON Schema dialect of every Param (see :func:`draft7`).
+DRAFT_7 = "http://json-schema.org/draft-07/schema#"
+
+
+def draft7(params: dict[str, Param]) -> dict[str, Param]:
+    """Mark each Param's schema as JSON Schema draft 7 (in place; returns ``params``).
+
+    Airflow checks every Param default with ``jsonschema.validate`` whenever a scheduled DAG is
+    parsed, and that first checks the schema against its dialect's metaschema: draft 2020-12's
+    (jsonschema's default) costs about 4x draft 7's, ~10 ms of each parse of a DAG with 30
+    Params (bench/dag_parse.py). Nothing here needs a newer draft: ``$defs`` is only a ``$ref``
+    target, and no ``$ref`` has sibling keywords (draft 7 ignores those).
+    """
+    for param in params.values():
+        param.schema["$schema"] = DRAFT_7
+    return params
