@@ -81,7 +81,7 @@ def hparam_sweep():
     spec = tasks.sweep_job_spec(image.output, trials, overrides={"data_query": window})
     # One mapped task per array job; one at a time (deferred ones count), so %K is the sweep's.
     train = tasks.TrainingJobOperator.partial(
-        task_id="train", pool="slurm_submit", max_active_tis_per_dagrun=1, tolerate_failed_array_tasks=True,
+        task_id="train", slurm_conn_id=tasks.CLUSTER_TEMPLATE, pool="slurm_submit", max_active_tis_per_dagrun=1, tolerate_failed_array_tasks=True,
     ).expand_kwargs(spec)
     sweep = tasks.register_sweep(train.output, image.output, trials)
     preflight >> [image, trials]

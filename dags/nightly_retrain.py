@@ -51,7 +51,7 @@ def nightly_retrain():
     spec = tasks.job_spec(image.output, overrides={
         "data_query": {"valid": True, "holdout": False, "day": {"$lte": "{{ (dag_run.logical_date or dag_run.run_after) | ds }}"}},
     })
-    train = tasks.TrainingJobOperator(task_id="train", command=spec["command"],
+    train = tasks.TrainingJobOperator(task_id="train", slurm_conn_id=tasks.CLUSTER_TEMPLATE, command=spec["command"],
                                       sbatch_options=spec["sbatch_options"], pool="slurm_submit")
     registration = tasks.register(train.output, image.output)
     promotion = tasks.evaluate_and_promote(

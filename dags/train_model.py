@@ -37,6 +37,7 @@ def train_model():
     spec = tasks.job_spec(image.output)
     train = tasks.TrainingJobOperator(
         task_id="train",
+        slurm_conn_id=tasks.CLUSTER_TEMPLATE,
         command=spec["command"],
         sbatch_options=spec["sbatch_options"],
         pool="slurm_submit",

@@ -113,6 +113,9 @@ def hyperparameters(lr: float = 3e-3, max_epochs: int = 3, batch_size: int = 128
 def slurm_params() -> dict[str, Param]:
     """Resources; empty partition/account mean the site defaults from Airflow Variables."""
     return {
+        "cluster": optional(r"^[A-Za-z0-9_.-]{1,250}$", section="Slurm",
+                            description="Cluster: the id of its SSH connection; empty = slurm_default. Its "
+                                        "settings: Variable slurmflow_cluster_<id> (JSON), else the global ones."),
         "partition": optional(SLURM_NAME, section="Slurm", description="Partition; empty = Variable slurmflow_partition."),
         "account": optional(SLURM_NAME, section="Slurm", description="Account to charge; empty = Variable slurmflow_account."),
         "qos": optional(SLURM_NAME, section="Slurm", description="QOS; empty = the account's default."),

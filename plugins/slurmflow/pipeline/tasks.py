@@ -10,6 +10,7 @@ import json
 import logging
 import tempfile
 import uuid
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -72,24 +73,54 @@ def mlflow_task(**kwargs: Any):
     return task_decorator_factory(decorated_operator_class=_MlflowLinkedTask, **kwargs)
 
 
-def site_settings(home: str | None = None) -> Site:
-    """The cluster's settings from Airflow Variables (read at run time)."""
-    import json
+#: The connection of the cluster a run uses when its ``cluster`` Param is empty.
+DEFAULT_CLUSTER = "slurm_default"
+#: Template of the train task's connection: the run's ``cluster`` Param (the trigger polls it too).
+CLUSTER_TEMPLATE = "{{ params.cluster or '" + DEFAULT_CLUSTER + "' }}"
 
+
+def cluster_of(params: Mapping[str, Any]) -> str:
+    """The SSH connection id of the cluster this run trains on."""
+    return params.get("cluster") or DEFAULT_CLUSTER
+
+
+def cluster_variables(cluster: str) -> dict[str, Any]:
+    """The cluster's own settings: Variable ``slurmflow_cluster_<conn id>`` (a JSON object)."""
+    return json.loads(Variable.get(f"slurmflow_cluster_{cluster}", default="{}"))
+
+
+def _site_value(cluster_vars: Mapping[str, Any], name: str, default: Any) -> Any:
+    """A site setting: the cluster's own (Variable ``slurmflow_cluster_<conn id>``, a JSON
+    object), else the global Variable ``slurmflow_<name>``, else ``default``."""
+    if name in cluster_vars:
+        return cluster_vars[name]
+    return Variable.get(f"slurmflow_{name}", default=default)
+
+
+def site_settings(home: str | None = None, cluster: str = DEFAULT_CLUSTER) -> Site:
+    """The cluster's settings from Airflow Variables (read at run time)."""
     from slurmflow.pipeline.jobs import Site
 
     mlflow = BaseHook.get_connection("mlflow_default")
+    own = cluster_variables(cluster)
+
+    def value(name: str, default: Any) -> Any:
+        return _site_value(own, name, default)
+
+    def as_json(name: str, default: str) -> Any:  # global Variables hold JSON text, the cluster's JSON itself
+        raw = value(name, default)
+        return json.loads(raw) if isinstance(raw, str) else raw
+
     return Site(
-        partition=Variable.get("slurmflow_partition", default="debug"),
-        account=Variable.get("slurmflow_account", default=""),
-        runtime=Variable.get("slurmflow_container_runtime", default="docker"),
+        partition=value("partition", "debug"),
+        account=value("account", ""),
+        runtime=value("container_runtime", "docker"),
         auth_dir=f"{home}/{AUTH_DIR}" if home else None,
-        tracking_uri=Variable.get("slurmflow_job_tracking_uri",
-                                  default=f"{mlflow.schema or 'http'}://{mlflow.host}:{mlflow.port}"),
-        run_args=json.loads(Variable.get("slurmflow_runtime_args", default="[]")),
-        insecure_registry=Variable.get("slurmflow_insecure_registry", default="false").lower() == "true",
+        tracking_uri=value("job_tracking_uri", f"{mlflow.schema or 'http'}://{mlflow.host}:{mlflow.port}"),
+        run_args=as_json("runtime_args", "[]"),
+        insecure_registry=str(value("insecure_registry", "false")).lower() == "true",
         # plain settings every job's container gets, e.g. {"NCCL_SOCKET_IFNAME": "hsn"}; never secrets
-        extra_env=json.loads(Variable.get("slurmflow_job_env", default="{}")),
+        extra_env=as_json("job_env", "{}"),
     )
 
 
@@ -114,10 +145,11 @@ class TrainingJobOperator(SlurmSubmitJobOperator):
         self.sbatch_options = sbatch_options or {}
 
 
-def _slurm_hook():
+def _slurm_hook(params: Mapping[str, Any] | None = None):
+    """The hook of the run's cluster (its ``cluster`` Param; the current task's when not given)."""
     from slurmflow.hooks.slurm import SlurmHook
 
-    return SlurmHook()
+    return SlurmHook(cluster_of(get_current_context()["params"] if params is None else params))
 
 
 @task(task_id="reap", trigger_rule="all_done", retries=2)
@@ -154,11 +186,16 @@ def preflight() -> str:
     from slurmflow.sbatch import build_script, render_script
 
     params = get_current_context()["params"]
-    hook = _slurm_hook()
+    hook = _slurm_hook(params)
+    try:
+        hook.get_connection(hook.slurm_conn_id)
+    except Exception as exc:  # AirflowNotFoundException, whichever module raises it
+        raise AirflowFailException(f"unknown cluster {cluster_of(params)!r}: a cluster is an SSH connection "
+                                   "of that id (README, Several clusters)") from exc
     job_dir = f"{hook.job_root}/preflight/{uuid.uuid4().hex}"
     try:
         script = build_script(command="true", job_name="slurmflow-preflight", job_dir=job_dir,
-                              options=sbatch_options(params, site_settings()))
+                              options=sbatch_options(params, site_settings(cluster=cluster_of(params))))
     except ValueError as exc:  # a combination of Params, or an sbatch_extra value: bad input, no retry
         raise AirflowFailException(f"invalid Slurm resources: {exc}") from exc
     hook.stage(script, render_script(script), None)
@@ -191,9 +228,9 @@ def job_spec(image: str, overrides: dict[str, Any] | None = None) -> dict[str, A
     from slurmflow.pipeline.jobs import training_job
 
     params = {**get_current_context()["params"], **(overrides or {})}
-    hook = _slurm_hook()
+    hook = _slurm_hook(params)
     _stage_registry_auth(hook)
-    return training_job(params, image, site_settings(hook.home))
+    return training_job(params, image, site_settings(hook.home, cluster_of(params)))
 
 
 @task(task_id="plan_trials")
@@ -217,11 +254,11 @@ def sweep_job_spec(image: str, trials: list[dict[str, Any]], overrides: dict[str
     from slurmflow.pipeline.sweep import piece_command, plan_pieces
 
     params = {**get_current_context()["params"], **(overrides or {})}
-    hook = _slurm_hook()
+    hook = _slurm_hook(params)
     _stage_registry_auth(hook)
-    site = site_settings(hook.home)
+    site = site_settings(hook.home, cluster_of(params))
     runtime = params.get("container_runtime") or site.runtime
-    cap = Variable.get("slurmflow_max_array_size", default="")
+    cap = _site_value(cluster_variables(cluster_of(params)), "max_array_size", "")
     max_array = min(hook.max_array_size(), int(cap) if cap else 1 << 31)
     pieces = plan_pieces(len(trials), max_array)
     if len(pieces) > 1:
