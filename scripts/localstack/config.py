@@ -178,11 +178,14 @@ def celery_broker_url() -> str:
     return f"redis://:{load_secrets()['REDIS_PASSWORD']}@127.0.0.1:{REDIS_PORT}/0"
 
 
-#: Modules the LocalExecutor's workers import before they fork task processes (see airflow_env).
+#: Modules the LocalExecutor's workers import before they fork task processes (see airflow_env):
+#: the heavy third-party ones only. Our own (slurmflow.*, the DAG files) are imported by each task
+#: from disk, so an edited plugin or DAG takes effect in the next task, as without a preload: a
+#: preloaded copy would stay the old one until the scheduler restarts.
 TASK_PRELOAD = (
     "airflow", "airflow.executors.local_executor", "airflow.sdk.execution_time.task_runner",
-    "airflow.providers.ssh.hooks.ssh", "paramiko", "pymongo", "mlflow", "mlflow.tracking",
-    "slurmflow.pipeline.tasks", "slurmflow.hooks.slurm", "slurmflow.hooks.mlflow", "slurmflow.hooks.catalog",
+    "airflow.providers.ssh.hooks.ssh", "airflow.providers.standard.decorators.python",
+    "paramiko", "pymongo", "mlflow", "mlflow.tracking", "jinja2",
 )
 
 
