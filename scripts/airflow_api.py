@@ -115,5 +115,14 @@ class AirflowAPI:
         body = self.get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/logs/{try_number}?full_content=true")
         content = body.get("content", "") if isinstance(body, dict) else body
         if isinstance(content, list):  # structured log lines (Airflow 3)
-            return "\n".join(str(c.get("event", c)) if isinstance(c, dict) else str(c) for c in content)
+            return "\n".join(_log_line(c) for c in content)
         return str(content)
+
+
+def _log_line(line: Any) -> str:
+    """One structured log line as text; an exception's type and message follow, as the UI shows them."""
+    if not isinstance(line, dict):
+        return str(line)
+    errors = [f"{e.get('exc_type')}: {e.get('exc_value')}" for e in line.get("error_detail") or ()
+              if isinstance(e, dict)]
+    return "\n".join([str(line.get("event", line)), *errors])
