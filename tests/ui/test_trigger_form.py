@@ -11,6 +11,7 @@ import uuid
 
 import pytest
 
+from slurmflow.pipeline.params import SLURM_BIND, SLURM_NAME
 from tests.ui.airflow_ui import wait_for
 from tests.ui.conftest import save_page
 
@@ -68,17 +69,21 @@ def test_an_emptied_required_field_disables_trigger_with_the_reason(ui, api):
     save_page(ui, "form-required-field-emptied")
 
 
-def test_a_value_the_schema_refuses_shows_the_reason_in_the_form_and_creates_no_run(ui, api):
+@pytest.mark.parametrize("param, value, pattern", [
+    ("partition", "debug; touch /tmp/pwned", SLURM_NAME),
+    ("cpu_bind", "cores $(reboot)", SLURM_BIND),  # a resource shape of the DeepCam seed
+])
+def test_a_value_the_schema_refuses_shows_the_reason_in_the_form_and_creates_no_run(ui, api, param, value, pattern):
     api.wait_for_dag("train_model")
     before = api.get("/dags/train_model/dagRuns?limit=1")["total_entries"]
     ui.open_trigger_form("train_model")
-    ui.reveal("partition")
-    ui.type_into("partition", "debug; touch /tmp/pwned")
+    ui.reveal(param)
+    ui.type_into(param, value)
     ui.click(ui.submit_button())
     message = wait_for(lambda: "does not match" in ui.dialog().text and ui.dialog().text, 30,
                        "the server's validation message in the dialog")
-    assert "partition" in message and "^[A-Za-z0-9_.-]{1,64}$" in message
-    save_page(ui, "form-pattern-refused")
+    assert param in message and pattern in message
+    save_page(ui, f"form-pattern-refused-{param}")
     assert api.get("/dags/train_model/dagRuns?limit=1")["total_entries"] == before
 
 
