@@ -137,6 +137,12 @@ class ClusterPoller:
         """scancel over the shared connection (a trigger's on_kill, or cancel-on-failure)."""
         await self.hook.cancel(job_ids)
 
+    async def remove(self, paths: list[str]) -> None:
+        """Delete files over the shared connection (``rm -f``; a missing file is no error)."""
+        result = await self.hook.run(["rm", "-f", "--", *paths])
+        if result.exit_code != 0:
+            raise SlurmError(f"rm {' '.join(paths)}: {result.stderr.strip() or result.exit_code}")
+
     async def read_tail(self, path: str, nbytes: int) -> bytes:
         chunks = await self.hook.read_logs([LogRead(path, -1, nbytes)])
         return chunks[0].data if chunks else b""

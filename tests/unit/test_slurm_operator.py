@@ -72,6 +72,9 @@ def test_defers_to_the_trigger_after_exactly_once_submission():
     assert job["job_dir"] == "/home/u/jobs/dag/manual__1/train/g0"
     assert deferred.value.kwargs == {"job": job}
     assert len(cluster.jobs) == 1
+    # a success ends the task in the triggerer, with the same record and the file to delete
+    cleanup = [job["secrets_path"]] if job.get("secrets_path") else []
+    assert trigger.finish == {"job": job, "cleanup": cleanup}
 
 
 def test_retry_reattaches_and_clear_starts_a_new_generation():

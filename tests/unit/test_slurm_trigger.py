@@ -259,3 +259,47 @@ def test_restarted_trigger_resumes_the_log_after_the_delivered_lines(cluster, tm
     shown = [line for t in (first, second) for line in t.log.lines if line.startswith("[slurm")]
     assert shown == [f"[slurm {job.job_id}] line 1", f"[slurm {job.job_id}] line 2",
                      f"[slurm {job.job_id}] half done", f"[slurm {job.job_id}] line 3"]
+
+
+# --- ending a successful task in the triggerer (finish) -------------------------------------------
+
+
+def test_with_finish_a_success_ends_the_task_here_with_its_result_and_no_secrets_file(cluster):
+    """No resume on a worker: the triggerer marks the task successful with the result XCom the
+    operator's execute_complete would return, after deleting the job's secrets file."""
+    from airflow.triggers.base import TaskSuccessEvent
+
+    job = cluster.add_job("a", "RUNNING")
+    cluster.files["/jobs/a/.slurmflow-secrets"] = "export X=1\n"
+    record = {"job_id": job.job_id, "job_dir": "/jobs/a", "run_key": "d/r/train/-1/g0", "generation": 0}
+    trigger = make(job.job_id, finish={"job": record, "cleanup": ["/jobs/a/.slurmflow-secrets"]})
+    assert trigger.serialize()[1]["finish"] == {"job": record, "cleanup": ["/jobs/a/.slurmflow-secrets"]}
+
+    async def end():
+        await asyncio.sleep(0.05)
+        job.state = "COMPLETED"
+
+    async def run():
+        gen = trigger.run()
+        task = asyncio.ensure_future(gen.__anext__())
+        await end()
+        event = await asyncio.wait_for(task, 10)
+        await gen.aclose()
+        return event
+
+    event = asyncio.run(run())
+    assert isinstance(event, TaskSuccessEvent)
+    result = event.xcoms["return_value"]
+    assert (result["job_id"], result["state"], result["job_dir"], result["run_key"]) == (
+        job.job_id, "COMPLETED", "/jobs/a", "d/r/train/-1/g0")
+    assert ["rm", "-f", "--", "/jobs/a/.slurmflow-secrets"] in cluster.calls
+    assert any(line.startswith(f"Slurm job {job.job_id} COMPLETED in") for line in trigger.log.lines)
+
+
+def test_with_finish_a_failure_still_resumes_the_task(cluster):
+    """Retries, cancellation on the last try and the failure's message stay in execute_complete."""
+    job = cluster.add_job("a", "FAILED", exit_code="1:0")
+    trigger = make(job.job_id, finish={"job": {"job_id": job.job_id}, "cleanup": ["/jobs/a/.slurmflow-secrets"]})
+    event = asyncio.run(first_event(trigger))
+    assert event["status"] == "failed"
+    assert not any(c[0] == "rm" for c in cluster.calls), "a failed job's task cleans up on its worker"

@@ -60,6 +60,12 @@ def result_dict(snapshot: JobSnapshot, job: Mapping[str, Any]) -> dict[str, Any]
     }
 
 
+def completed_message(result: Mapping[str, Any]) -> str:
+    """The line a successful job's task logs (from the worker or from the trigger)."""
+    return (f"Slurm job {result['job_id']} COMPLETED in {result.get('elapsed') or '?'} on "
+            f"{result.get('node_list') or '?'} (restarts: {result.get('restarts')})")
+
+
 def failure_message(snapshot: JobSnapshot, tail: str = "") -> str:
     state = snapshot.state
     parts = [f"Slurm job {snapshot.job_id} ended {state.state.value}"]

@@ -32,9 +32,10 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from airflow.triggers.base import BaseTrigger, TriggerEvent
+from airflow.triggers.base import BaseTrigger, TaskSuccessEvent, TriggerEvent
 
 from slurmflow import poller as poller_module
+from slurmflow.errors import SlurmError
 from slurmflow.identity import XCOM_JOB_KEY, XCOM_LOG_OFFSETS
 from slurmflow.logs import DEFAULT_TAIL_BYTES
 from slurmflow.paths import JobPaths
@@ -58,6 +59,10 @@ class SlurmJobTrigger(BaseTrigger):
     :param secret_refs: :class:`~slurmflow.secrets.SecretRefs` as a dict: the connections whose
         values the job holds; masked in the triggerer before any log line is shown (kwargs are
         stored in the database: references only, never values).
+    :param finish: end a successful job's task here, without resuming it on a worker:
+        ``{"job": <the slurm_job record>, "cleanup": [files to delete]}``. The task's
+        ``return_value`` is the result the operator's ``execute_complete`` would return. Any
+        other end (failure, timeout, error) resumes the task as usual.
 
     Keyword arguments of earlier versions (``poll_interval``, ``log_pattern``, ``user``...) are
     still accepted, so triggers serialized before an upgrade resume.
@@ -74,6 +79,7 @@ class SlurmJobTrigger(BaseTrigger):
         expected_tasks: int | None = None,
         cancel_on_kill: bool = True,
         secret_refs: dict[str, Any] | None = None,
+        finish: dict[str, Any] | None = None,
         **legacy: Any,
     ) -> None:
         super().__init__()
@@ -89,6 +95,7 @@ class SlurmJobTrigger(BaseTrigger):
         self._hold_warned = False
         self._masked = False
         self.secret_refs = SecretRefs.from_dict(secret_refs).to_dict() if secret_refs else None
+        self.finish = finish
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -102,6 +109,7 @@ class SlurmJobTrigger(BaseTrigger):
                 "expected_tasks": self.expected_tasks,
                 "cancel_on_kill": self.cancel_on_kill,
                 "secret_refs": self.secret_refs,
+                "finish": self.finish,
             },
         )
 
@@ -159,6 +167,9 @@ class SlurmJobTrigger(BaseTrigger):
                     continue
                 self._log_lines(engine.flush())
                 event = step.event
+                if self.finish and event.job_ended and event.snapshot.state.is_successful:
+                    yield await self._succeed(poller, event.snapshot)
+                    return
                 if step.tail_path:
                     event = engine.with_tail(event, await self._tail(poller, step.tail_path))
                 yield TriggerEvent(event.to_payload())
@@ -169,6 +180,20 @@ class SlurmJobTrigger(BaseTrigger):
             yield TriggerEvent(engine.gave_up(f"error while waiting for Slurm job {self.job_id}: {exc}").to_payload())
         finally:
             poller.unsubscribe(sub)
+
+    async def _succeed(self, poller: Any, snapshot: Any) -> TriggerEvent:
+        """End the task as success from here: what ``execute_complete`` would do on success."""
+        from slurmflow.operators.outcome import completed_message, result_dict
+
+        cleanup = list(self.finish.get("cleanup") or [])
+        if cleanup:
+            try:
+                await poller.remove(cleanup)
+            except (SlurmError, OSError) as exc:  # the job is done either way; the file is mode 600
+                self.log.warning("Could not delete %s: %s", ", ".join(cleanup), exc)
+        result = result_dict(snapshot, self.finish["job"])
+        self.log.info("%s", completed_message(result))
+        return TaskSuccessEvent(xcoms={"return_value": result})
 
     def _log_lines(self, lines: list[str]) -> None:
         for line in lines:
