@@ -140,7 +140,8 @@ FAULTS: dict[str, Fault] = {f.name: f for f in (
           "retried register or catalog finds its MLflow run and catalog document by the run key.",
           sbatch_anchor=True, anchor_delay=(0.0, 1.0)),
     Fault("stop-sshd", "outage", "sshd", ("submit", "deferred"),
-          "The login node is unreachable: a submitting task fails its try and its retry looks the "
+          "The login node is unreachable: a task that needs it waits inside its try, backing off, "
+          "for up to 150 s (`connect_patience`); after that the try fails and the retry looks the "
           "training up by name before it submits; a deferred trigger keeps retrying (no event, no "
           "cancel), the job keeps running, and when sshd is back the wait resumes where it was.",
           outage=(15.0, 180.0)),

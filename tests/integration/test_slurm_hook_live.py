@@ -91,13 +91,14 @@ def test_preflight_accepts_a_good_job(slurm_conn):
     assert hook.find_jobs(key, 0) == {}, "test-only submits nothing"
 
 
-def test_unreachable_host_fails_fast_with_the_address(stack_env, monkeypatch):
+def test_unreachable_host_without_patience_fails_fast_with_the_address(stack_env, monkeypatch):
+    """``connect_patience`` (default 150 s) waits out an outage; with none the error is at once."""
     import json
 
     monkeypatch.setenv("AIRFLOW_CONN_SLURM_DEFAULT", json.dumps(
         {"conn_type": "ssh", "host": "127.0.0.1", "port": 1, "login": "hpcuser",
          "extra": {"key_file": stack_env["SSH_KEY"], "no_host_key_check": True, "conn_timeout": 3}}))
-    hook = SlurmHook(conn_retry_attempts=1)
+    hook = SlurmHook(conn_retry_attempts=1, connect_patience=0)
     started = time.monotonic()
     with pytest.raises(SlurmConnectionError, match=r"hpcuser@127\.0\.0\.1:1"):
         hook.get_states(["1"])

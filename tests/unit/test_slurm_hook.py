@@ -208,3 +208,56 @@ def test_pack_matching_quotes_every_value_and_runs_in_a_real_shell(tmp_path):
     for bad in (["/etc/passwd"], ["../x"], []):
         with pytest.raises(ValueError):
             pack_matching(str(root), bad)
+
+
+# --- reaching the login node -----------------------------------------------------------------------
+
+
+class FlakySSH:
+    """SSHHook's surface for _client: get_conn fails with the given errors, then connects."""
+
+    def __init__(self, *errors: BaseException) -> None:
+        self.errors = list(errors)
+        self.calls = 0
+        self.client = None
+        self.username, self.remote_host, self.port = "u", "login", 22
+
+    def get_conn(self):
+        self.calls += 1
+        if self.errors:
+            raise self.errors.pop(0)
+        self.client = object()
+        return self.client
+
+
+def test_an_unreachable_login_node_is_waited_for_inside_the_try(monkeypatch):
+    from slurmflow.hooks import slurm as slurm_mod
+    from slurmflow.hooks.slurm import SlurmHook
+
+    slept: list[float] = []
+    monkeypatch.setattr(slurm_mod.time, "sleep", slept.append)
+    hook = SlurmHook("slurm_default")
+    hook.__dict__["ssh_hook"] = FlakySSH(ConnectionRefusedError(111, "Connection refused"), TimeoutError("timed out"))
+    assert hook._client() is hook.ssh_hook.client
+    assert hook.ssh_hook.calls == 3 and slept == [2.0, 4.0]
+
+
+def test_a_refused_login_fails_at_once_and_patience_ends(monkeypatch):
+    import paramiko
+
+    from slurmflow.errors import SlurmConnectionError
+    from slurmflow.hooks import slurm as slurm_mod
+    from slurmflow.hooks.slurm import SlurmHook
+
+    monkeypatch.setattr(slurm_mod.time, "sleep", lambda s: None)
+    hook = SlurmHook("slurm_default")
+    hook.__dict__["ssh_hook"] = FlakySSH(paramiko.AuthenticationException("Authentication failed."))
+    with pytest.raises(SlurmConnectionError, match="Authentication failed"):
+        hook._client()
+    assert hook.ssh_hook.calls == 1, "a wrong key is not retried"
+
+    hook = SlurmHook("slurm_default", connect_patience=0)
+    hook.__dict__["ssh_hook"] = FlakySSH(ConnectionRefusedError(111, "Connection refused"), ConnectionRefusedError())
+    with pytest.raises(SlurmConnectionError, match="cannot connect to the Slurm login node u@login:22"):
+        hook._client()
+    assert hook.ssh_hook.calls == 1

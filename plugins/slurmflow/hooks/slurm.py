@@ -55,6 +55,13 @@ _TRANSIENT_SBATCH = (
     "Zero Bytes were transmitted",
     "Connection refused",
 )
+def _login_refused(exc: BaseException) -> bool:
+    """The login node answered and refused us (bad key or password): no wait fixes that."""
+    import paramiko
+
+    return isinstance(exc, paramiko.AuthenticationException | paramiko.BadHostKeyException)
+
+
 _ALREADY_DONE = ("already completing or completed", "Job/step already", "Invalid job id specified")
 
 
@@ -89,6 +96,7 @@ class SlurmHook(BaseHook):
     :param job_root: overrides the connection's ``job_root``.
     :param submit_attempts: sbatch attempts after ambiguous failures (each preceded by a lookup).
     :param lookup_since: how far back sacct looks for a task's earlier jobs.
+    :param connect_patience: seconds to keep trying to reach an unreachable login node.
     """
 
     conn_name_attr = "slurm_conn_id"
@@ -106,6 +114,7 @@ class SlurmHook(BaseHook):
         job_root: str | None = None,
         submit_attempts: int = 3,
         lookup_since: str = "now-30days",
+        connect_patience: float = 150.0,
     ) -> None:
         super().__init__()
         self.slurm_conn_id = slurm_conn_id
@@ -115,6 +124,7 @@ class SlurmHook(BaseHook):
         self._job_root = job_root
         self.submit_attempts = max(1, submit_attempts)
         self.lookup_since = lookup_since
+        self.connect_patience = connect_patience
         self.accounting = True
         #: Commands run, by tool (argv[0]): what the benchmark and tests count.
         self.command_counts: Counter[str] = Counter()
@@ -140,13 +150,25 @@ class SlurmHook(BaseHook):
             return self.slurm_conn_id
 
     def _client(self) -> Any:
-        try:
-            return self.ssh_hook.get_conn()
-        except Exception as exc:
-            raise SlurmConnectionError(
-                f"cannot connect to the Slurm login node {self.address} (connection {self.slurm_conn_id!r}): "
-                f"{type(exc).__name__}: {exc}"
-            ) from exc
+        """The SSH client, connecting if needed. A login node that cannot be reached (down, sshd
+        restarting, network) is tried again, backing off from 2 s, for up to ``connect_patience``
+        seconds, so a task rides out a short outage inside its try instead of spending a retry on
+        it (found by ``make chaos``: a 60 s sshd outage at submit used up train's one retry). A
+        refused login (key, password) fails at once: waiting cannot fix it."""
+        deadline, delay = time.monotonic() + self.connect_patience, 2.0
+        while True:
+            try:
+                return self.ssh_hook.get_conn()
+            except Exception as exc:
+                error = SlurmConnectionError(
+                    f"cannot connect to the Slurm login node {self.address} (connection "
+                    f"{self.slurm_conn_id!r}): {type(exc).__name__}: {exc}")
+                if _login_refused(exc) or time.monotonic() + delay > deadline:
+                    raise error from exc
+                self.log.warning("%s; trying again in %.0f s", error, delay)
+                self._drop_connection()
+                time.sleep(delay)
+                delay = min(delay * 2, 30.0)
 
     def _drop_connection(self) -> None:
         client = getattr(self.ssh_hook, "client", None)
