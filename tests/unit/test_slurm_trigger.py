@@ -264,15 +264,23 @@ def test_restarted_trigger_resumes_the_log_after_the_delivered_lines(cluster, tm
 # --- ending a successful task in the triggerer (finish) -------------------------------------------
 
 
-def test_with_finish_a_success_ends_the_task_here_with_its_result_and_no_secrets_file(cluster):
-    """No resume on a worker: the triggerer marks the task successful with the result XCom the
-    operator's execute_complete would return, after deleting the job's secrets file."""
+def test_with_finish_a_success_ends_the_task_here_with_its_result_and_no_secrets_file(cluster, monkeypatch):
+    """No resume on a worker: the triggerer records the result XCom the operator's
+    execute_complete would return (through the Task SDK), deletes the job's secrets file and
+    marks the task successful."""
+    from types import SimpleNamespace
+
     from airflow.triggers.base import TaskSuccessEvent
 
+    from slurmflow.triggers import slurm as trigger_mod
+
+    written = {}
+    monkeypatch.setattr(trigger_mod, "_set_xcom", lambda ti, key, value: written.update({key: value}))
     job = cluster.add_job("a", "RUNNING")
     cluster.files["/jobs/a/.slurmflow-secrets"] = "export X=1\n"
     record = {"job_id": job.job_id, "job_dir": "/jobs/a", "run_key": "d/r/train/-1/g0", "generation": 0}
     trigger = make(job.job_id, finish={"job": record, "cleanup": ["/jobs/a/.slurmflow-secrets"]})
+    trigger.task_instance = SimpleNamespace(dag_id="d", task_id="train", run_id="r", map_index=-1)
     assert trigger.serialize()[1]["finish"] == {"job": record, "cleanup": ["/jobs/a/.slurmflow-secrets"]}
 
     async def end():
@@ -288,12 +296,22 @@ def test_with_finish_a_success_ends_the_task_here_with_its_result_and_no_secrets
         return event
 
     event = asyncio.run(run())
-    assert isinstance(event, TaskSuccessEvent)
-    result = event.xcoms["return_value"]
+    assert isinstance(event, TaskSuccessEvent) and not event.xcoms
+    result = written["return_value"]
     assert (result["job_id"], result["state"], result["job_dir"], result["run_key"]) == (
         job.job_id, "COMPLETED", "/jobs/a", "d/r/train/-1/g0")
     assert ["rm", "-f", "--", "/jobs/a/.slurmflow-secrets"] in cluster.calls
     assert any(line.startswith(f"Slurm job {job.job_id} COMPLETED in") for line in trigger.log.lines)
+
+
+def test_with_finish_but_no_way_to_record_the_result_the_task_resumes(cluster):
+    """The result XCom could not be written (no task instance, API down): the worker's
+    execute_complete does it all, so nothing is lost and the file is left for it to delete."""
+    job = cluster.add_job("a", "COMPLETED")
+    trigger = make(job.job_id, finish={"job": {"job_id": job.job_id}, "cleanup": ["/jobs/a/.slurmflow-secrets"]})
+    event = asyncio.run(first_event(trigger))
+    assert event["status"] == "success" and event["snapshot"]["state"] == "COMPLETED"
+    assert not any(c[0] == "rm" for c in cluster.calls)
 
 
 def test_with_finish_a_failure_still_resumes_the_task(cluster):

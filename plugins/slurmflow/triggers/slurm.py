@@ -168,7 +168,7 @@ class SlurmJobTrigger(BaseTrigger):
                 self._log_lines(engine.flush())
                 event = step.event
                 if self.finish and event.job_ended and event.snapshot.state.is_successful:
-                    yield await self._succeed(poller, event.snapshot)
+                    yield await self._succeed(poller, event)
                     return
                 if step.tail_path:
                     event = engine.with_tail(event, await self._tail(poller, step.tail_path))
@@ -181,19 +181,31 @@ class SlurmJobTrigger(BaseTrigger):
         finally:
             poller.unsubscribe(sub)
 
-    async def _succeed(self, poller: Any, snapshot: Any) -> TriggerEvent:
-        """End the task as success from here: what ``execute_complete`` would do on success."""
+    async def _succeed(self, poller: Any, event: Any) -> TriggerEvent:
+        """End the task as success from here, doing what ``execute_complete`` would on success:
+        its result as ``return_value``, the secrets file deleted. The result goes through the Task
+        SDK's XCom API (as the log offsets do): the XComs of a ``TaskSuccessEvent`` are stored
+        JSON-encoded twice by Airflow 3.3 and read back as a string. If it cannot be written, the
+        task resumes on a worker as without ``finish``."""
         from slurmflow.operators.outcome import completed_message, result_dict
 
+        result = result_dict(event.snapshot, self.finish["job"])
+        try:
+            if self.task_instance is None:
+                raise RuntimeError("no task instance")
+            await _in_thread(_set_xcom, self.task_instance, "return_value", result)
+        except Exception as exc:
+            self.log.warning("Could not record the result of Slurm job %s here (%s): the task resumes "
+                             "on a worker", self.job_id, exc)
+            return TriggerEvent(event.to_payload())
         cleanup = list(self.finish.get("cleanup") or [])
         if cleanup:
             try:
                 await poller.remove(cleanup)
             except (SlurmError, OSError) as exc:  # the job is done either way; the file is mode 600
                 self.log.warning("Could not delete %s: %s", ", ".join(cleanup), exc)
-        result = result_dict(snapshot, self.finish["job"])
         self.log.info("%s", completed_message(result))
-        return TaskSuccessEvent(xcoms={"return_value": result})
+        return TaskSuccessEvent()
 
     def _log_lines(self, lines: list[str]) -> None:
         for line in lines:
