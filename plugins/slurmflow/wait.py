@@ -184,6 +184,9 @@ class LogFollower:
     offsets: dict[str, int] = field(default_factory=dict)
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     previous: JobSnapshot | None = None
+    #: the snapshot of planned reads not read yet: it becomes ``previous`` once one is read, so
+    #: a failed read of a job that just ended is planned again (its lines were lost otherwise)
+    _pending: JobSnapshot | None = field(default=None, repr=False)
 
     def plan(self, snap: JobSnapshot) -> list[tuple[str, LogRead]]:
         """``(label, read)`` pairs for this snapshot; label is ``""`` or ``"task N"``."""
@@ -193,7 +196,6 @@ class LogFollower:
             units = [(f"task {t}", t, s, before.get(t)) for t, s in snap.tasks.items()]
         else:
             units = [("", None, snap.state, self.previous.state if self.previous else None)]
-        self.previous = snap
         reads = []
         for label, task, state, was in units:
             ended_now = state.is_terminal and (was is None or not was.is_terminal)
@@ -202,10 +204,16 @@ class LogFollower:
             path = self.paths.log(snap.job_id, task, job_name=snap.name)
             if path is not None:
                 reads.append((label, LogRead(path, self.offsets.get(path, 0), self.chunk_bytes)))
+        if reads:
+            self._pending = snap
+        else:
+            self.previous = snap
         return reads
 
     def advance(self, chunk: LogChunk) -> None:
         self.offsets[chunk.path] = chunk.next_offset
+        if self._pending is not None:
+            self.previous, self._pending = self._pending, None
 
 
 @dataclass

@@ -121,10 +121,32 @@ def test_follower_reads_running_tasks_and_once_more_those_that_just_ended():
     tasks = {0: JobState(SlurmState.RUNNING), 1: JobState(SlurmState.PENDING)}
     assert [r.path for _, r in follower.plan(JobSnapshot("5", JobState(SlurmState.RUNNING), tasks))] == [
         "/jobs/x/slurm-5_0.out"]
+    read(follower, follower.plan(JobSnapshot("5", JobState(SlurmState.RUNNING), tasks)))
     ended = {0: JobState(SlurmState.COMPLETED), 1: JobState(SlurmState.RUNNING)}
-    assert [label for label, _ in follower.plan(JobSnapshot("5", JobState(SlurmState.RUNNING), ended))] == [
-        "task 0", "task 1"]
+    planned = follower.plan(JobSnapshot("5", JobState(SlurmState.RUNNING), ended))
+    assert [label for label, _ in planned] == ["task 0", "task 1"]
+    read(follower, planned)
     assert [label for label, _ in follower.plan(JobSnapshot("5", JobState(SlurmState.RUNNING), ended))] == ["task 1"]
+
+
+def read(follower, planned):
+    """The reads succeeded: each chunk advances the follower."""
+    for _, r in planned:
+        follower.advance(LogChunk(r.path, 10, b"x\n", r.offset + 2))
+
+
+def test_a_failed_read_of_a_job_that_just_ended_is_planned_again():
+    """A job found already ended (a retry re-attaching to it) gets one last read; when that
+    poll fails, the next one reads again instead of losing the job's lines (chaos smoke)."""
+    follower = LogFollower(PATHS)
+    done = JobSnapshot("5", JobState(SlurmState.COMPLETED))
+    first = follower.plan(done)
+    assert len(first) == 1
+    # the read failed: nothing advanced
+    again = follower.plan(done)
+    assert [r.path for _, r in again] == [r.path for _, r in first]
+    read(follower, again)
+    assert follower.plan(done) == []
 
 
 def test_event_payload_round_trip_and_validation():
@@ -149,9 +171,11 @@ def test_settings_are_validated_and_pacing_backs_off():
 
 def test_follower_reads_once_more_after_a_preemption_that_ended_the_job():
     follower = LogFollower(JobPaths("/j", "/j/slurm-%j.out"))
-    follower.plan(snap("RUNNING"))
+    read(follower, follower.plan(snap("RUNNING")))
     requeued = snap("PREEMPTED")  # Slurm will requeue it: not over, nothing to read now
     assert follower.plan(requeued) == []
     ended = snap("PREEMPTED", ended=True)  # PreemptMode=CANCEL: its last lines are read once
-    assert [r.path for _, r in follower.plan(ended)] == ["/j/slurm-7.out"]
+    planned = follower.plan(ended)
+    assert [r.path for _, r in planned] == ["/j/slurm-7.out"]
+    read(follower, planned)
     assert follower.plan(ended) == []
