@@ -120,6 +120,8 @@ def register_ours(job_dir: str, trials: list[dict]) -> float:
                                       params={}, metrics={}, tags={sr.SWEEP_TAG: key})
         sr.log_trials(mlflow, outcome, sr.SweepContext(key, summary, "img@sha256:" + "0" * 64, {}),
                       mlflow.experiment_id(EXPERIMENT))
+        if hasattr(sr, "write_manifests"):  # since the manifests went to the summary run in one file
+            mlflow.client.log_artifact(summary, str(sr.write_manifests(outcome, Path(tmp) / "manifests.jsonl")), "sweep")
     assert all(t.completed and t.run_id for t in outcome)
     return time.perf_counter() - start
 
@@ -192,6 +194,8 @@ def main() -> None:
     ap.add_argument("--compare-trials", type=int, default=100, help="trials of the side-by-side runs")
     ap.add_argument("--repeats", type=int, default=3, help="side-by-side runs of each (alternating)")
     ap.add_argument("--baseline-ref", default="b544e13", help="the commit whose register loop is the baseline")
+    ap.add_argument("--large-before", metavar="REF",
+                    help="also time the large run with ours as of REF, alternating with today's (--repeats pairs)")
     args = ap.parse_args()
     if args.worker:
         worker(args)
@@ -204,6 +208,16 @@ def main() -> None:
         subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(tree), args.baseline_ref],
                        check=True, capture_output=True)
         try:
+            if args.large_before:
+                subprocess.run(["git", "-C", str(tree), "checkout", "-q", "--detach", args.large_before], check=True)
+                large_pairs = []
+                for r in range(args.repeats):
+                    before = run_worker("ours", tree / "plugins", args.trials)
+                    now = run_worker("ours", REPO / "plugins", args.trials)
+                    large_pairs.append((before, now))
+                    print(f"  {args.trials} trials, pair {r + 1}: {args.large_before} {before:.2f} s, now {now:.2f} s "
+                          f"({before / now:.2f}x)")
+                subprocess.run(["git", "-C", str(tree), "checkout", "-q", "--detach", args.baseline_ref], check=True)
             pairs = []
             for r in range(args.repeats):
                 base = run_worker("baseline", tree / "plugins", args.compare_trials)
@@ -225,6 +239,10 @@ def main() -> None:
         "large": {"trials": args.trials, "seconds": round(large, 2), "per_trial_s": round(large / args.trials, 4)},
         "machine": f"{os.cpu_count()} cores",
     }
+    if args.large_before:
+        result["large"]["pairs"] = [{"before_s": round(b, 2), "now_s": round(o, 2)} for b, o in large_pairs]
+        result["large"]["before_ref"] = args.large_before
+        result["large"]["speedup_median"] = round(statistics.median(b / o for b, o in large_pairs), 2)
     c = result["compare"]
     print(f"per trial, {n} trials, median of {args.repeats}: baseline {c['baseline_per_trial_s']} s, "
           f"ours {c['ours_per_trial_s']} s, {c['speedup_median']}x")

@@ -7,7 +7,9 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -91,6 +93,10 @@ def test_a_sweep_over_max_array_size_runs_as_pieces_throttled_as_one(run_dag, ap
     assert plots == ["plots/metric_vs_hyperparameters.png"]
     assert [a.path for a in mlflow_client.list_artifacts(sweep["summary_run_id"], "slurm")] == [
         "slurm/piece-0.sh", "slurm/piece-1.sh"]
+    manifests = Path(mlflow_client.download_artifacts(sweep["summary_run_id"], "sweep/manifests.jsonl",
+                                                      tempfile.mkdtemp())).read_text().splitlines()
+    assert sorted(json.loads(line)["trial"] for line in manifests) == list(range(5))
+    assert all(json.loads(line)["manifest"]["status"] == "completed" for line in manifests)
     for trial in sweep["trials"]:
         tags = mlflow_client.get_run(trial["run_id"]).data.tags
         assert tags["mlflow.parentRunId"] == sweep["summary_run_id"]

@@ -83,7 +83,7 @@ def test_a_piece_with_a_failed_trial_registers_the_rest_once(slurm_conn, stack_c
     for run in runs:
         assert run.data.tags[sr.PARENT_TAG] == summary and run.info.status == "FINISHED"
         assert run.data.metrics["best/val/loss"] > 0 and run.data.tags["slurm.job_id"].startswith(f"{job_id}_")
-        assert [a.path for a in mlflow.client.list_artifacts(run.info.run_id, "result")] == ["result/result.json"]
+        assert mlflow.client.list_artifacts(run.info.run_id, "result") == []  # manifests go to the summary run
         assert int(run.data.tags["slurm.alloc_cpus"]) >= 1
 
 

@@ -363,8 +363,11 @@ def register_sweep(pieces: list[dict[str, Any]], image: str, trials: list[dict[s
             version = mlflow.register_model(model_name, best["run_id"], "model", {
                 sr.SWEEP_TAG: identity.run_key, "slurmflow.trial": str(best["trial"]),
                 "slurm.job_id": str(winner.job["job_id"]), "image": image, **code})
-        (local / "trials.json").write_text(json.dumps(results, indent=2))
-        artifacts: dict[str, Any] = {"sweep": local / "trials.json"}
+        summary_dir = local / "sweep"
+        summary_dir.mkdir()
+        (summary_dir / "trials.json").write_text(json.dumps(results, indent=2))
+        sr.write_manifests(outcome, summary_dir / "manifests.jsonl")
+        artifacts: dict[str, Any] = {"sweep": summary_dir}
         if done:
             artifacts["plots"] = plot_trials(results, metric, str(local / "metric_vs_hyperparameters.png"))
         metrics = {"sweep/trials": len(results), "sweep/failed_trials": len(failed)}
