@@ -175,14 +175,15 @@ def steps_redone(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return {"attempts": len(rows), "steps_redone": redone, "attempts_unknown": unknown}
 
 
-def submit_urgent() -> str:
+def submit_urgent(node: str = "local1") -> str:
     """Submit, as the cluster user, a short ``urgent`` job that needs half the training's memory
-    beyond what the node has free: Slurm preempts the spot training to run it."""
-    node = dict(kv.split("=", 1) for kv in slurm("scontrol", "-o", "show", "node").split() if "=" in kv)
-    mem = int(node["RealMemory"]) - int(node["AllocMem"]) + 1024
+    beyond what ``node`` has free, on that node: Slurm preempts the spot training to run it (a
+    single-node training runs on local1, the node Slurm fills first)."""
+    fields = dict(kv.split("=", 1) for kv in slurm("scontrol", "-o", "show", "node", node).split() if "=" in kv)
+    mem = int(fields["RealMemory"]) - int(fields["AllocMem"]) + 1024
     env = read_stack_env()
     return slurm("runuser", "-u", env["SSH_USER"], "--", "sbatch", "--parsable", "-p", "urgent", "-A",
-                 env["SLURM_ACCOUNT"], "-c", "1", f"--mem={mem}M", "--job-name=chaos-urgent",
+                 env["SLURM_ACCOUNT"], "-c", "1", "-w", node, f"--mem={mem}M", "--job-name=chaos-urgent",
                  "--output=/dev/null", "--wrap", "sleep 3").strip()
 
 

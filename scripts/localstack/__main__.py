@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 
-from . import provision
+from . import nodes, provision
 from .config import (
     CLUSTER_USER,
     EXECUTORS,
@@ -31,7 +31,7 @@ from .services import SLURM_ENV, Service, services, supervisord_conf
 CONF = STACK / "supervisord.conf"
 HEALTH_TIMEOUT = {"airflow-api-server": 180, "airflow-scheduler": 120, "airflow-dag-processor": 120,
                   "airflow-triggerer": 120, "airflow-triggerer-2": 120, "airflow-worker-1": 120,
-                  "airflow-worker-2": 120, "mlflow": 120, "slurmd": 90}
+                  "airflow-worker-2": 120, "mlflow": 120, "slurmd": 90, "slurmd-local2": 90}
 
 
 def _states(sup) -> dict[str, dict]:
@@ -118,6 +118,7 @@ def up(executor: str = "local") -> None:
 
 def _provision_and_start(svcs: list[Service]) -> None:
     provision.folders()
+    nodes.network_up()  # before any Slurm daemon: the controller's address is on it
     provision.cluster_user()
     provision.keys()
     provision.configs()
@@ -214,6 +215,7 @@ def down(quiet: bool = False) -> None:
     # dockerd leaves its network-namespace bind mount behind, which would block `make clean`.
     for ns in (STACK / "run" / "docker" / "netns").glob("*"):
         subprocess.run(["umount", str(ns)], capture_output=True)
+    nodes.network_down()
     for _ in range(50):
         left = _ours_left()
         if not left:

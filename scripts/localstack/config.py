@@ -15,6 +15,8 @@ import socket
 from pathlib import Path
 from string import Template
 
+from . import nodes
+
 REPO = Path(__file__).resolve().parents[2]
 STACK = Path(os.environ.get("SLURMFLOW_STACK_DIR", REPO / ".stack")).resolve()
 VENV_BIN = REPO / ".venv" / "bin"
@@ -112,6 +114,8 @@ def template_vars() -> dict[str, str]:
         "HOSTNAME": socket.gethostname().split(".")[0],
         "CLUSTER_USER": CLUSTER_USER,
         "REDIS_PORT": str(REDIS_PORT),
+        "NODE1_ADDR": nodes.ADDRESSES["local1"],
+        "NODE2_ADDR": nodes.ADDRESSES["local2"],
         **load_secrets(),
     }
 

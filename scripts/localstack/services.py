@@ -22,6 +22,7 @@ from datetime import datetime
 from pathlib import Path
 
 from ..airflow_api import AirflowAPI, AirflowAPIError
+from . import nodes
 from .config import (
     AIRFLOW_PASSWORD,
     AIRFLOW_USER,
@@ -128,15 +129,18 @@ def _tcp(port: int) -> str | None:
     return None
 
 
-def _slurmd_health() -> str | None:
-    try:
-        out = subprocess.run(
-            ["sinfo", "-h", "-n", "local1", "-o", "%T"],
-            capture_output=True, text=True, timeout=10, env={**os.environ, **SLURM_ENV},
-        ).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return str(exc)
-    return None if out.rstrip("*") in {"idle", "mixed", "allocated", "completing"} else f"node local1 is {out!r}"
+def _slurmd_health(node: str) -> Callable[[], str | None]:
+    def check() -> str | None:
+        try:
+            out = subprocess.run(
+                ["sinfo", "-h", "-n", node, "-o", "%T"],
+                capture_output=True, text=True, timeout=10, env={**os.environ, **SLURM_ENV},
+            ).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return str(exc)
+        return None if out.rstrip("*") in {"idle", "mixed", "allocated", "completing"} else f"node {node} is {out!r}"
+
+    return check
 
 
 def _ssh_health() -> str | None:
@@ -301,8 +305,11 @@ def services(executor: str | None = None) -> list[Service]:
                 health=lambda: _http("http://127.0.0.1:5001/health")),
         Service("slurmctld", ["/usr/sbin/slurmctld", "-D", "-i"], wave=3, port=6817, env=slurm_daemon_env(),
                 health=lambda: _run(["scontrol", "ping"], SLURM_ENV)),
-        Service("slurmd", ["/usr/sbin/slurmd", "-D", "-N", "local1"], wave=4, port=6818, env=slurm_daemon_env(),
-                health=_slurmd_health),
+        Service("slurmd", nodes.slurmd_command("local1"), wave=4, port=6818, env=slurm_daemon_env(),
+                health=_slurmd_health("local1")),
+        # the second node's slurmd owns port 6818 in its own network namespace (nodes.py)
+        Service("slurmd-local2", nodes.slurmd_command("local2"), wave=4, env=slurm_daemon_env(),
+                health=_slurmd_health("local2")),
         Service("airflow-api-server", _airflow("api-server"), wave=4, port=8080, env=af_env,
                 health=lambda: _http("http://127.0.0.1:8080/api/v2/monitor/health")),
         Service("airflow-scheduler", _airflow("scheduler"), wave=5, env=af_env,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import time
 from pathlib import Path
@@ -100,3 +101,37 @@ def streamed_lines(dag_id: str, run_id: str, job_id: str, task_id: str = "train"
     files = sorted(folder.glob(f"attempt={attempt if attempt is not None else '*'}.log*"))
     events = (str(r.get("event", "")) for r in _records(files))
     return [e[len(prefix):] for e in events if e.startswith(prefix)]
+
+
+# --- preemption on the local cluster (test_preemption.py, test_multinode.py) ---------------------
+
+def job_fields(cluster, job_id: str) -> dict[str, str]:
+    out = cluster(f"scontrol -o show job {job_id} 2>/dev/null || true")
+    return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
+
+
+def free_memory_mb(cluster, node: str) -> int:
+    fields = dict(kv.split("=", 1) for kv in cluster(f"scontrol -o show node {node}").split() if "=" in kv)
+    return int(fields["RealMemory"]) - int(fields["AllocMem"])
+
+
+def attempts(cluster, job_dir: str) -> list[dict]:
+    """hpctrain's attempt rows (``.hpctrain/attempts.json``): where each attempt started/stopped."""
+    out = cluster(f"cat {shlex.quote(job_dir)}/.hpctrain/attempts.json 2>/dev/null || true").strip()
+    return json.loads(out) if out else []
+
+
+def training(cluster, job_dir: str, restart: int) -> bool:
+    """Attempt ``restart`` is past start-up: its row says it is training."""
+    return any(a["restart"] == restart and a["status"] == "running" for a in attempts(cluster, job_dir))
+
+
+def preempt(cluster, job_id: str, restarts: int, node: str = "local1", train_mem_mb: int = 2048) -> str:
+    """Submit an urgent job that fits on ``node`` only by taking the training's memory there
+    (half its ``train_mem_mb`` beyond what is free); return once Slurm requeued the training."""
+    mem = free_memory_mb(cluster, node) + train_mem_mb // 2
+    urgent = cluster(f"sbatch --parsable -p urgent -A research -c 1 -w {node} --mem={mem}M "
+                     "--job-name=e2e-urgent --output=/dev/null --wrap 'sleep 3'").strip()
+    wait_until(lambda: int(job_fields(cluster, job_id).get("Restarts", 0)) == restarts + 1, 90,
+               f"job {job_id} requeued by urgent job {urgent}")
+    return urgent

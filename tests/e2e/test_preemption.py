@@ -16,44 +16,13 @@ import uuid
 
 import pytest
 
-from tests.e2e.helpers import FIRST_RUN_TIMEOUT, wait_until
+from tests.e2e.helpers import FIRST_RUN_TIMEOUT, preempt, training, wait_until
 
 pytestmark = pytest.mark.e2e
 
 DAG = "train_model"
 EPOCHS = 20  # long enough (~1 s an epoch on an idle node) for two preemptions to land mid-training
-TRAIN_MEM_MB = 2048  # the conf's mem: the urgent job asks for half of it beyond what is free
-
-
-def job_fields(cluster, job_id: str) -> dict[str, str]:
-    out = cluster(f"scontrol -o show job {job_id} 2>/dev/null || true")
-    return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
-
-
-def free_memory_mb(cluster) -> int:
-    node = dict(kv.split("=", 1) for kv in cluster("scontrol -o show node local1").split() if "=" in kv)
-    return int(node["RealMemory"]) - int(node["AllocMem"])
-
-
-def attempts(cluster, job_dir: str) -> list[dict]:
-    """hpctrain's attempt rows (``.hpctrain/attempts.json``): where each attempt started/stopped."""
-    out = cluster(f"cat {shlex.quote(job_dir)}/.hpctrain/attempts.json 2>/dev/null || true").strip()
-    return json.loads(out) if out else []
-
-
-def training(cluster, job_dir: str, restart: int) -> bool:
-    """Attempt ``restart`` is past start-up: its row says it is training."""
-    return any(a["restart"] == restart and a["status"] == "running" for a in attempts(cluster, job_dir))
-
-
-def preempt(cluster, job_id: str, restarts: int) -> str:
-    """Submit an urgent job that needs the training's memory; return once Slurm requeued the training."""
-    mem = free_memory_mb(cluster) + TRAIN_MEM_MB // 2
-    urgent = cluster(f"sbatch --parsable -p urgent -A research -c 1 --mem={mem}M --job-name=e2e-urgent "
-                     "--output=/dev/null --wrap 'sleep 3'").strip()
-    wait_until(lambda: int(job_fields(cluster, job_id).get("Restarts", 0)) == restarts + 1, 90,
-               f"job {job_id} requeued by urgent job {urgent}")
-    return urgent
+TRAIN_MEM_MB = 2048  # the conf's mem: the urgent job asks for half of it beyond what is free (helpers.preempt)
 
 
 def test_training_preempted_twice_is_one_job_and_one_successful_try(api, cluster):

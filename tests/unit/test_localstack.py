@@ -52,7 +52,7 @@ def test_failed_health_check_shows_log_tail(tmp_path, monkeypatch, capsys):
 def test_every_service_is_supervised_and_loopback_only():
     svcs = services("local")  # the CeleryExecutor's stack: test_localstack_celery.py
     conf = supervisord_conf(svcs)
-    assert conf.count("[program:") == len(svcs) == 15
+    assert conf.count("[program:") == len(svcs) == 16
     assert "autostart=false" in conf
     for svc in svcs:
         assert "0.0.0.0" not in " ".join(svc.command)

@@ -18,7 +18,7 @@ from scripts.localstack.services import heartbeat_shortfall, services, superviso
 
 LOCAL_PROGRAMS = [
     "postgres", "mariadb", "munged", "sshd", "dockerd", "registry", "mongo", "slurmdbd", "mlflow", "slurmctld",
-    "slurmd", "airflow-api-server", "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer",
+    "slurmd", "slurmd-local2", "airflow-api-server", "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer",
 ]
 
 
@@ -77,7 +77,7 @@ def test_celery_executor_env_is_the_same_for_every_airflow_program():
 def test_celery_stack_is_supervised_loopback_only_and_no_secret_on_argv():
     svcs = services("celery")
     conf = supervisord_conf(svcs)
-    assert conf.count("[program:") == len(svcs) == 19
+    assert conf.count("[program:") == len(svcs) == 20
     argv = " ".join(" ".join(s.command) for s in svcs)
     assert "0.0.0.0" not in argv
     leaked = [k for k, v in config.load_secrets().items() if v in argv]
