@@ -217,3 +217,18 @@ def parse_version(text: str) -> SlurmVersion:
         raise ValueError(f"no Slurm version in {text.strip()[:200]!r}")
     major, minor, micro, extra = match.groups()
     return SlurmVersion(int(major), int(minor), int(micro or 0), extra or "")
+
+
+def read_probe(exit_code: int, stdout: str) -> SlurmFeatures | None:
+    """The features from the run of :func:`slurmflow.commands.slurm_version`; ``None`` when it
+    failed or printed no version (the callers then use what every supported release accepts).
+
+    :raises UnsupportedSlurmVersion: the release is older than :data:`MINIMUM`.
+    """
+    if exit_code != 0:
+        return None
+    try:
+        version = parse_version(stdout)
+    except ValueError:
+        return None
+    return features_for(version)
