@@ -15,10 +15,14 @@ from collections.abc import Iterable, Sequence
 from slurmflow.parsing import SACCT_FIELDS, SQUEUE_FIELDS, split_job_id
 from slurmflow.states import SlurmState
 from slurmflow.usage import USAGE_FIELDS
+from slurmflow.versions import GATED_STATES, SlurmFeatures
 
 #: States squeue is asked for when looking for a *live* job with our name (PREEMPTED is not one:
-#: the controller shows it only for a preempted job it did not requeue).
-LIVE_STATES: tuple[str, ...] = tuple(s.value for s in SlurmState if s.is_live_in_controller)
+#: the controller shows it only for a preempted job it did not requeue), on every supported
+#: release; :func:`live_states` adds the ones a given release also knows.
+LIVE_STATES: tuple[str, ...] = tuple(
+    s.value for s in SlurmState if s.is_live_in_controller and s.value not in GATED_STATES
+)
 #: The commands that cost the Slurm controller (or slurmdbd) an RPC; the rest are file I/O.
 SLURM_QUERY_TOOLS = frozenset({"squeue", "sacct", "scontrol", "sbatch", "scancel"})
 SUBMITTED_MARK = "SLURMFLOW_SUBMITTED"
@@ -28,6 +32,18 @@ EXISTING_MARK = "SLURMFLOW_EXISTING"
 def to_shell(argv: Sequence[str]) -> str:
     """Join an argv for a remote shell, quoting every element."""
     return shlex.join(str(a) for a in argv)
+
+
+def live_states(features: SlurmFeatures | None = None) -> tuple[str, ...]:
+    """The live states to ask squeue for: squeue exits on a state name its release does not
+    know ("Invalid job state specified"), so a release-gated name goes in only where it exists.
+    ``None`` (version unknown): the names every supported release knows."""
+    if features is None:
+        return LIVE_STATES
+    return tuple(
+        s.value for s in SlurmState
+        if s.is_live_in_controller and (s.value not in GATED_STATES or features.has(GATED_STATES[s.value]))
+    )
 
 
 def _ids(job_ids: Iterable[str]) -> str:
@@ -136,6 +152,12 @@ def sbatch_test_only(script_path: str) -> list[str]:
     return ["sbatch", "--test-only", script_path]
 
 
+def slurm_version() -> list[str]:
+    """``scontrol --version`` (``slurm 22.05.8``): the client tools' release, printed by the
+    binary itself (no RPC to the controller); see :mod:`slurmflow.versions`."""
+    return ["scontrol", "--version"]
+
+
 def scontrol_show_config() -> list[str]:
     """The controller's configuration (``MaxArraySize``, ``MaxJobCount``...), one ``Key = Value`` a line."""
     return ["scontrol", "show", "config"]
@@ -170,7 +192,7 @@ def home_dir() -> list[str]:
     return ["printenv", "HOME"]
 
 
-def submit_once(job_dir: str, script_path: str, job_name: str) -> str:
+def submit_once(job_dir: str, script_path: str, job_name: str, features: SlurmFeatures | None = None) -> str:
     """Submit under a lock, unless a live job with this name already exists.
 
     The lookup before submission happens in Python; this closes the remaining race (two
@@ -179,8 +201,10 @@ def submit_once(job_dir: str, script_path: str, job_name: str) -> str:
     slurmctld's memory, sees a job the moment sbatch returns.
 
     Prints ``SLURMFLOW_EXISTING <id>`` or ``SLURMFLOW_SUBMITTED <id>[;cluster]``.
+
+    :param features: the login node's release (:func:`live_states`); ``None``: unknown.
     """
-    states = ",".join(LIVE_STATES)
+    states = ",".join(live_states(features))
     body = (
         "set -e; "
         'cd -- "$1"; '

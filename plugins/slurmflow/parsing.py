@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from slurmflow.states import JobState, SlurmState, parse_exit_code
+from slurmflow.versions import SlurmFeatures
 
 
 class SlurmParseError(ValueError):
@@ -199,11 +200,14 @@ def _int_or_zero(text: str) -> int:
     return int(text) if text.isdigit() else 0
 
 
-def parse_squeue(text: str) -> list[JobRecord]:
+def parse_squeue(text: str, features: SlurmFeatures | None = None) -> list[JobRecord]:
     """Parse ``squeue --noheader --Format=<SQUEUE_FIELDS each with a | suffix>``.
 
     Array tasks appear one per line with ``--array``; the array job id for a plain job is
     ``N/A`` and its task id too.
+
+    :param features: the release that printed it (``exit_code`` is ``EXIT:SIGNAL`` from 23.02,
+        the raw wait status before); ``None``: told apart by its form.
 
     :raises SlurmParseError: when a line does not have the expected columns.
     """
@@ -229,7 +233,7 @@ def parse_squeue(text: str) -> list[JobRecord]:
         state, detail = SlurmState.parse(row["State"])
         if state is SlurmState.UNKNOWN and row["State"]:
             raise SlurmParseError(f"unknown job state {row['State']!r} in squeue line {line!r}")
-        exit_code, signal = _squeue_exit(row["exit_code"])
+        exit_code, signal = _squeue_exit(row["exit_code"], features, line)
         record = JobRecord(
             job_id=f"{base}_{task}" if task is not None else base,
             base_id=base,
@@ -259,12 +263,21 @@ def _explicit_first(explicit: list[JobRecord], ranged: list[JobRecord]) -> list[
     return explicit + [r for r in ranged if r.job_id not in have]
 
 
-def _squeue_exit(text: str) -> tuple[int | None, int | None]:
-    """squeue's ``exit_code`` is the raw wait status (768 = exit 3, 15 = SIGTERM), unlike
-    sacct/scontrol's ``exit:signal``; decode it the way ``WEXITSTATUS``/``WTERMSIG`` do."""
+def _squeue_exit(text: str, features: SlurmFeatures | None, line: str) -> tuple[int | None, int | None]:
+    """Before 23.02 squeue's ``exit_code`` is the raw wait status (768 = exit 3, 15 = SIGTERM),
+    decoded here the way ``WEXITSTATUS``/``WTERMSIG`` do; from 23.02 it is ``exit:signal`` like
+    sacct's and scontrol's (``squeue_exit_code_pair`` in :mod:`slurmflow.versions`). A bare
+    number is never a pair: with the release unknown the form tells them apart."""
     text = text.strip()
-    if not text.isdigit():
+    pair = ":" in text if features is None else features.has("squeue_exit_code_pair")
+    if pair:
+        if text and ":" not in text:
+            raise SlurmParseError(f"squeue exit_code {text!r} is not EXIT:SIGNAL in line {line!r}")
         return parse_exit_code(text)
+    if not text or text.lstrip("-").isdigit() and text.startswith("-"):
+        return None, None  # nothing yet; NO_VAL printed as a signed int
+    if not text.isdigit():
+        raise SlurmParseError(f"squeue exit_code {text!r} is not a wait status in line {line!r}")
     status = int(text)
     return (status >> 8) & 0xFF, status & 0x7F
 

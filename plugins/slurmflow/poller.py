@@ -30,6 +30,7 @@ from slurmflow.errors import SlurmError
 from slurmflow.logs import LogChunk, LogRead
 from slurmflow.parsing import SlurmParseError
 from slurmflow.status import JobSnapshot, ResolveOptions
+from slurmflow.versions import UnsupportedSlurmVersion
 from slurmflow.wait import LogFollower, next_interval, state_changed
 
 log = logging.getLogger(__name__)
@@ -234,6 +235,12 @@ class ClusterPoller:
             plans = {id(s): s.log_reads(snapshots[s.job_id]) for s in subs}
             reads = [r for plan in plans.values() for _, r in plan]
             chunks = await self.hook.read_logs(reads) if reads else []
+        except UnsupportedSlurmVersion as exc:
+            # No later round can do better: every subscriber hears it now, not after failure_limit.
+            self._record_round(before)
+            log.error("Slurm poll on %r: %s", self.conn_id, exc)
+            self._broadcast_error(str(exc))
+            return False
         except (SlurmError, SlurmParseError, ValueError, OSError) as exc:
             self.failures += 1
             self._record_round(before)

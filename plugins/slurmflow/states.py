@@ -39,6 +39,10 @@ class SlurmState(enum.StrEnum):
     REQUEUED = "REQUEUED"
     REQUEUE_HOLD = "REQUEUE_HOLD"
     REQUEUE_FED = "REQUEUE_FED"
+    # Release-gated names (slurmflow.versions): a requeued scrontab job, 20.11 only; a job being
+    # checked for an expedited requeue (--requeue=expedite), 25.11 on. Both come back: live.
+    REQUEUED_CRON = "REQUEUED_CRON"
+    EXPEDITING = "EXPEDITING"
     RESIZING = "RESIZING"
     SUSPENDED = "SUSPENDED"
     STOPPED = "STOPPED"
@@ -143,6 +147,7 @@ _COMPACT = {
     "RQ": SlurmState.REQUEUED,
     "RH": SlurmState.REQUEUE_HOLD,
     "RF": SlurmState.REQUEUE_FED,
+    "RC": SlurmState.REQUEUED_CRON,
     "RS": SlurmState.RESIZING,
     "S": SlurmState.SUSPENDED,
     "ST": SlurmState.STOPPED,

@@ -33,6 +33,7 @@ from slurmflow.parsing import (
     parse_squeue,
 )
 from slurmflow.states import ArrayProgress, JobState, SlurmState, aggregate_states
+from slurmflow.versions import SlurmFeatures
 
 _INVALID_ID = "Invalid job id"
 _NO_ACCOUNTING = ("accounting storage is disabled", "AccountingStorageType", "slurmdbd: Connection refused")
@@ -196,10 +197,12 @@ class ResolveOptions:
         accounting is disabled (then scontrol answers while the controller remembers the job).
     :param expected_tasks: array size per job id, so an array whose finished tasks already
         left squeue is looked up in sacct too.
+    :param features: the login node's Slurm release (:mod:`slurmflow.versions`); ``None``: unknown.
     """
 
     accounting: bool = True
     expected_tasks: Mapping[str, int] = field(default_factory=dict)
+    features: SlurmFeatures | None = None
 
 
 Resolution = Generator[list[str], CommandResult, dict[str, JobSnapshot]]
@@ -226,7 +229,7 @@ def resolve_states(job_ids: Iterable[str], options: ResolveOptions | None = None
             raise SlurmCommandError("squeue", result.exit_code, result.stderr or result.stdout)
         live: dict[str, list[JobRecord]] = {}
     else:
-        live = group_by_job(parse_squeue(result.stdout))
+        live = group_by_job(parse_squeue(result.stdout, opts.features))
 
     snapshots: dict[str, JobSnapshot] = {}
     need_final: list[str] = []
@@ -305,7 +308,7 @@ def _as_final(snap: JobSnapshot) -> JobSnapshot:
 
 
 def lookup_key(
-    names: list[str], *, since: str = "now-30days", accounting: bool = True
+    names: list[str], *, since: str = "now-30days", accounting: bool = True, features: SlurmFeatures | None = None
 ) -> Generator[list[str], CommandResult, dict[str, JobSnapshot]]:
     """Yield the commands finding every job with one of ``names``; return snapshots by job id.
 
@@ -317,7 +320,7 @@ def lookup_key(
     result = yield commands.squeue_by_name(names)
     if result.exit_code != 0:
         raise SlurmCommandError("squeue", result.exit_code, result.stderr or result.stdout)
-    live = group_by_job(parse_squeue(result.stdout))
+    live = group_by_job(parse_squeue(result.stdout, features))
     accounted: dict[str, list[JobRecord]] = {}
     if accounting:
         result = yield commands.sacct_by_name(names, since=since)

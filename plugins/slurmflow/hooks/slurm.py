@@ -44,6 +44,7 @@ from slurmflow.status import (
     run_sync,
 )
 from slurmflow.usage import JobUsage, parse_usage
+from slurmflow.versions import SlurmFeatures, read_probe
 
 #: sbatch errors that say "the controller did not answer", not "your job is wrong": the job
 #: may or may not exist, so look it up before trying again.
@@ -128,6 +129,10 @@ class SlurmHook(BaseHook):
         self.accounting = True
         #: Commands run, by tool (argv[0]): what the benchmark and tests count.
         self.command_counts: Counter[str] = Counter()
+        # The login node's Slurm release, probed once per connection (see `features`).
+        self._features: SlurmFeatures | None = None
+        self._version_known = False
+        self.version_probes = 0
 
     # --- connection -----------------------------------------------------------------------
 
@@ -170,7 +175,28 @@ class SlurmHook(BaseHook):
                 time.sleep(delay)
                 delay = min(delay * 2, 30.0)
 
+    @property
+    def features(self) -> SlurmFeatures | None:
+        """What the login node's Slurm release has (:mod:`slurmflow.versions`), from one
+        ``scontrol --version`` per connection (a reconnect may reach another login node behind
+        the same name). ``None`` when the probe printed no version: the commands then use what
+        every supported release accepts. The probe is not in :attr:`command_counts`: it is
+        answered by the client binary, with no RPC to the controller.
+
+        :raises UnsupportedSlurmVersion: the release is older than the minimum supported.
+        """
+        if not self._version_known:
+            self.version_probes += 1
+            status, out, _err = self.exec_bytes(commands.to_shell(commands.slurm_version()))
+            self._features = read_probe(status, out.decode("utf-8", "replace"))
+            self._version_known = True
+            if self._features is None:
+                self.log.warning("Could not read the Slurm version on %s (scontrol --version exited %d); "
+                                 "using what every supported release accepts", self.address, status)
+        return self._features
+
     def _drop_connection(self) -> None:
+        self._version_known = False
         client = getattr(self.ssh_hook, "client", None)
         self.ssh_hook.client = None
         if client is not None:
@@ -353,7 +379,8 @@ class SlurmHook(BaseHook):
 
     def get_states(self, job_ids: Sequence[str], expected_tasks: dict[str, int] | None = None) -> dict[str, JobSnapshot]:
         """State of each job: one squeue, plus one sacct when some finished (see :mod:`slurmflow.status`)."""
-        options = ResolveOptions(accounting=self.accounting, expected_tasks=expected_tasks or {})
+        options = ResolveOptions(accounting=self.accounting, expected_tasks=expected_tasks or {},
+                                 features=self.features)
         result = run_sync(resolve_states(job_ids, options), self.run)
         self.accounting = options.accounting
         return result
@@ -361,7 +388,8 @@ class SlurmHook(BaseHook):
     def find_jobs(self, key: JobKey, generation: int) -> dict[str, JobSnapshot]:
         """Every job of ``key`` (this and earlier generations) that squeue or sacct knows."""
         names = key.candidate_names(generation)
-        return run_sync(lookup_key(names, since=self.lookup_since, accounting=self.accounting), self.run)
+        return run_sync(lookup_key(names, since=self.lookup_since, accounting=self.accounting,
+                                   features=self.features), self.run)
 
     def usage(self, job_ids: Sequence[str]) -> dict[str, JobUsage]:
         """What jobs used, from accounting, in one ``sacct`` for all of them.
@@ -474,7 +502,8 @@ class SlurmHook(BaseHook):
                     return SubmitOutcome(job_id, "attached", decision.cancel, "found after an unclear sbatch failure")
             try:
                 self.stage(script, script_text, secrets_text)
-                result = self.run(commands.submit_once(script.job_dir, script.script_path, script.job_name))
+                result = self.run(commands.submit_once(script.job_dir, script.script_path, script.job_name,
+                                                           self.features))
             except SlurmConnectionError as exc:
                 last_error = exc
                 self.log.warning("Submission attempt %d/%d failed: %s", attempt, self.submit_attempts, exc)
@@ -540,6 +569,9 @@ class SlurmAsyncHook(BaseHook):
         self._lock = asyncio.Lock()
         self.command_counts: Counter[str] = Counter()
         self.connects = 0
+        self._features: SlurmFeatures | None = None
+        self._version_known = False
+        self.version_probes = 0
 
     @cached_property
     def ssh_hook(self) -> Any:
@@ -561,6 +593,7 @@ class SlurmAsyncHook(BaseHook):
                     f"{type(exc).__name__}: {exc or 'timed out'}"
                 ) from exc
             self.connects += 1
+            self._version_known = False  # a new connection: probe its release again
             return self._conn
 
     async def exec_bytes(self, command: str, timeout: float | None = None) -> tuple[int, bytes, bytes]:
@@ -598,7 +631,23 @@ class SlurmAsyncHook(BaseHook):
             status, out, err = await self.exec_bytes(command)
         return CommandResult(status, out.decode("utf-8", "replace"), err.decode("utf-8", "replace"))
 
+    async def features(self) -> SlurmFeatures | None:
+        """As :attr:`SlurmHook.features`: one ``scontrol --version`` per connection.
+
+        :raises UnsupportedSlurmVersion: the release is older than the minimum supported.
+        """
+        if not self._version_known:
+            self.version_probes += 1
+            status, out, _err = await self.exec_bytes(commands.to_shell(commands.slurm_version()))
+            self._features = read_probe(status, out.decode("utf-8", "replace"))
+            self._version_known = True
+            if self._features is None:
+                self.log.warning("Could not read the Slurm version over %r (scontrol --version exited %d); "
+                                 "using what every supported release accepts", self.slurm_conn_id, status)
+        return self._features
+
     async def get_states(self, job_ids: Sequence[str], options: ResolveOptions) -> dict[str, JobSnapshot]:
+        options.features = await self.features()
         return await run_async(resolve_states(job_ids, options), self.run)
 
     async def read_logs(self, reads: Sequence[LogRead]) -> list[LogChunk]:
