@@ -155,3 +155,43 @@ def test_a_target_without_validation_is_a_config_error(hpctrain, borehole_csv, t
     assert hpctrain("fit", *SURROGATE_TINY, f"--data.path={borehole_csv}", "--trainer.limit_val_batches=0",
                     "--run.target=0.5", f"--run.job_dir={job}") == 2
     assert "nothing is validated" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_requeued_deepcam_job_keeps_one_mlperf_run_and_one_training_clock(hpctrain, tmp_path):
+    """Preempted after its first epoch, then resumed: still one run_start and one run_stop, the
+    checker still passes, and time_to_target_s counts training time only (not the gap)."""
+    import signal
+    import time
+
+    from hpctrain_testing import spawn
+
+    job = tmp_path / "requeued"
+    args = ["fit", *DEEPCAM_CONVERGING, "--run.target=0.82", "--run.tracking=off", f"--run.job_dir={job}"]
+    proc = spawn(args)
+    deadline = time.monotonic() + 150
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            log = job / "mlperf.log"
+            if log.is_file() and '"key": "epoch_stop"' in log.read_text():
+                proc.send_signal(signal.SIGUSR2)
+                break
+            time.sleep(0.02)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 75, out
+    first = load_manifest(job)
+    assert first["status"] == "preempted" and first["target_reached"] is False
+    time.sleep(1.0)  # the queue: not training time
+
+    assert hpctrain(*args) == 0
+    m = load_manifest(job)
+    assert is_complete(m) and m["target_reached"] is True and len(m["training"]["attempts"]) == 2
+    assert m["time_to_target_s"] < sum(a for a in (first["training"]["attempt_seconds"],
+                                                   m["training"]["attempt_seconds"]))
+    keys = [x["key"] for x in mllog_lines(job / "mlperf.log")]
+    assert keys.count("run_start") == keys.count("init_stop") == keys.count("run_stop") == 1
+    rc, problems = compliance(job / "mlperf.log", tmp_path)
+    assert rc == 0 and problems == [], problems
