@@ -47,8 +47,27 @@ class Site:
     extra_env: Mapping[str, str] = field(default_factory=dict)
 
 
+#: the tasks whose monitored metric is ``val/iou`` (what ``target_iou`` is a target of)
+IOU_TASKS = ("deepcam",)
+
+
+def check_training_params(params: Mapping[str, Any]) -> None:
+    """Combinations of training Params their schemas cannot refuse one by one.
+
+    :raises ValueError: ``target_iou`` set for a task without an IoU.
+    """
+    target, task = params.get("target_iou"), params.get("task")
+    if target is not None and task not in IOU_TASKS:
+        raise ValueError(f"target_iou={target} is a target of val/iou, which only the {', '.join(IOU_TASKS)} "
+                         f"task reports; task {task!r} has none: leave target_iou empty")
+
+
 def training_argv(params: Mapping[str, Any]) -> list[str]:
-    """``python -m hpctrain fit`` with the task's config and the Params as CLI overrides."""
+    """``python -m hpctrain fit`` with the task's config and the Params as CLI overrides.
+
+    :raises ValueError: see :func:`check_training_params`.
+    """
+    check_training_params(params)
     task = params["task"]
     argv = [
         "python", "-m", "hpctrain", "fit", "--config", f"{IMAGE_CONFIG_DIR}/{CONFIGS[task]}",
@@ -65,6 +84,8 @@ def training_argv(params: Mapping[str, Any]) -> list[str]:
                  f"--data.mongo={json.dumps(mongo, sort_keys=True)}"]
     else:
         argv += [f"--model.width={width}", f"--data.seed={int(params['data_seed'])}"]
+        if params.get("target_iou") is not None:
+            argv.append(f"--run.target={float(params['target_iou'])}")
     return argv
 
 

@@ -157,9 +157,19 @@ def slurm_params() -> dict[str, Param]:
     }
 
 
+def target_params() -> dict[str, Param]:
+    """A quality target that ends training early (MLPerf's "time to train")."""
+    return {
+        "target_iou": Param(None, type=["null", "number"], exclusiveMinimum=0, maximum=1, section="Hyperparameters",
+                            description="deepcam only: stop at the first validation whose val/iou reaches this "
+                                        "(0 < x <= 1; MLPerf HPC DeepCam's target is 0.82) and record the time to "
+                                        "it; empty = train every epoch."),
+    }
+
+
 def train_params() -> dict[str, Param]:
     """All Params of ``train_model``."""
-    return draft7({**model_params(), **hyperparameters(), **slurm_params()})
+    return draft7({**model_params(), **hyperparameters(), **target_params(), **slurm_params()})
 
 
 #: The JSON Schema dialect of every Param (see :func:`draft7`).

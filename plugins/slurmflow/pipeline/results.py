@@ -30,6 +30,12 @@ log = logging.getLogger(__name__)
 
 #: what the orchestrator copies back from a job directory (model weights stay in MLflow's store)
 COLLECTED = ("result.json", "tracking.json", "config.yaml", "mlruns-offline")
+#: what a single training also copies back and logs as artifacts (artifact folder -> job dir
+#: entry): TensorBoard event files and the MLPerf log. Not a sweep's trials: a sweep of 1,000
+#: trials stays one MLflow request per trial.
+SIDE_LOGS = {"tensorboard": "tensorboard", "mlperf": "mlperf.log"}
+#: the manifest's scalar facts logged as MLflow metrics besides the training's own
+MANIFEST_METRICS = ("time_to_target_s",)
 #: at most this long a registration waits for accounting to record its jobs' ends
 ACCOUNTING_SETTLE_S = 20.0
 
@@ -47,7 +53,7 @@ def collect(slurm: SlurmHook, job_dir: str, local_dir: Path) -> dict[str, Any]:
     :param local_dir: an empty local folder.
     :raises ResultMissingError: no ``result.json`` or a manifest that is not ``completed``.
     """
-    slurm.download_matching(job_dir, [*COLLECTED, SCRIPT_FILE_NAME], local_dir)
+    slurm.download_matching(job_dir, [*COLLECTED, *SIDE_LOGS.values(), SCRIPT_FILE_NAME], local_dir)
     path = local_dir / "result.json"
     if not path.exists():
         raise ResultMissingError(f"the job wrote no result.json in {job_dir}: see the job log above")
@@ -126,11 +132,17 @@ def usage_of(slurm: SlurmHook | None, job_ids: list[str], expect: Sequence[str] 
         delay = min(delay * 2, 4.0)
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def metrics_of(manifest: Mapping[str, Any]) -> dict[str, float]:
-    """Final metrics, and the best ones as ``best/<name>``."""
+    """Final metrics, the best ones as ``best/<name>``, and ``time_to_target_s`` when the run
+    reached its quality target."""
     metrics = manifest.get("metrics") or {}
     out = {k: v for k, v in (metrics.get("final") or {}).items() if isinstance(v, int | float)}
     out.update({f"best/{k}": v for k, v in (metrics.get("best") or {}).items() if isinstance(v, int | float)})
+    out.update({k: manifest[k] for k in MANIFEST_METRICS if _number(manifest.get(k))})
     return out
 
 
@@ -176,7 +188,9 @@ def register(
     run_id = mlflow.log_training(
         experiment=experiment, run_key=run_key, run_name=run_key.replace("/", " "),
         params=flatten(manifest.get("hyperparameters") or {}), metrics=metrics, tags=tags,
-        artifacts={"slurm": script, "result": local_dir / "result.json"}, run_id=run_id,
+        artifacts={"slurm": script, "result": local_dir / "result.json",
+                   **{dest: local_dir / name for dest, name in SIDE_LOGS.items()}},  # skipped when absent
+        run_id=run_id,
     )
     exp_id = mlflow.client.get_run(run_id).info.experiment_id
     result = {

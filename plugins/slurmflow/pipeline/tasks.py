@@ -180,12 +180,17 @@ def reap(train_task: str = "train") -> str:
 @task(task_id="preflight")
 def preflight() -> str:
     """``sbatch --test-only`` with the run's resources: a bad partition/account/QOS fails here,
-    before an image is built or anything is queued."""
+    before an image is built or anything is queued; so do Params that contradict each other
+    (:func:`~slurmflow.pipeline.jobs.check_training_params`)."""
     from slurmflow.errors import SlurmSubmitError
-    from slurmflow.pipeline.jobs import sbatch_options
+    from slurmflow.pipeline.jobs import check_training_params, sbatch_options
     from slurmflow.sbatch import build_script, render_script
 
     params = get_current_context()["params"]
+    try:
+        check_training_params(params)
+    except ValueError as exc:  # a combination of Params: bad input, no retry
+        raise AirflowFailException(f"invalid Params: {exc}") from exc
     hook = _slurm_hook(params)
     try:
         hook.get_connection(hook.slurm_conn_id)

@@ -143,6 +143,22 @@ class FitJob:
                 "attempts": self._close_attempt(status),
             },
             "monitor": {"metric": ckpt.monitor if ckpt else None, "mode": ckpt.mode if ckpt else None},
+            **self._target_fields(),
+            **self._side_logs(),
+        }
+
+    def _target_fields(self) -> dict[str, Any]:
+        stop = self.cli.target_stop
+        if stop is None:
+            return {"target": None, "target_reached": None, "time_to_target_s": None}
+        return stop.summary()
+
+    def _side_logs(self) -> dict[str, str | None]:
+        """The TensorBoard folder and the MLPerf log, relative, when the run wrote them."""
+        tensorboard, mlperf_log = self.job.tensorboard, self.job.mlperf_log
+        return {
+            "tensorboard": self.job.relative(tensorboard) if tensorboard.is_dir() and any(tensorboard.iterdir()) else None,
+            "mlperf_log": self.job.relative(mlperf_log) if mlperf_log.is_file() else None,
         }
 
     def _close_attempt(self, status: str) -> list[dict[str, Any]]:

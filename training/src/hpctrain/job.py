@@ -59,6 +59,16 @@ class JobDir:
         return self.root / "mlruns-offline"
 
     @property
+    def tensorboard(self) -> Path:
+        """TensorBoard event files (``tensorboard --logdir`` this folder)."""
+        return self.root / "tensorboard"
+
+    @property
+    def mlperf_log(self) -> Path:
+        """MLPerf HPC ``:::MLLOG`` lines of a task that names an MLPerf benchmark."""
+        return self.root / "mlperf.log"
+
+    @property
     def data_cache(self) -> Path:
         return self.root / "data"
 

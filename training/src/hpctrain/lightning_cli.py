@@ -33,12 +33,13 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from hpctrain import environment, tracking
 from hpctrain.callbacks import AttemptLog, EpochHistory, ResumeStateCallback
 from hpctrain.data.base import HpcDataModule
-from hpctrain.errors import AlreadyComplete
+from hpctrain.errors import AlreadyComplete, ConfigError
 from hpctrain.job import JOB_DIR_ENV, JobDir, resolve_job_dir
 from hpctrain.manifest import is_complete, load_manifest
 from hpctrain.options import RunOptions
 from hpctrain.preemption import PreemptionCallback
 from hpctrain.signals import SignalLatch, install_process_latch
+from hpctrain.target import TargetStop
 from hpctrain.tasks.base import TaskModule
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,7 @@ class HpcTrainCLI(LightningCLI):
         self.checkpoint_callback: ModelCheckpoint | None = None
         self.preemption_callback: PreemptionCallback | None = None
         self.attempts: AttemptLog | None = None
+        self.target_stop: TargetStop | None = None
         super().__init__(
             model_class=TaskModule,
             datamodule_class=HpcDataModule,
@@ -154,13 +156,18 @@ class HpcTrainCLI(LightningCLI):
         )
         self.preemption_callback = PreemptionCallback(self.latch, self.job.last_checkpoint)
         self.attempts = AttemptLog(self.job.state / "attempts.json", environment.restart_count())
+        if run.target is not None and monitor is None:
+            raise ConfigError(f"run.target={run.target} needs a validated metric to reach, but nothing is validated")
+        self.target_stop = TargetStop(monitor, mode, run.target)
         callbacks = list(self._get(self.config_init, "trainer.callbacks") or [])
         callbacks += [self.attempts, self.preemption_callback, ResumeStateCallback(), self.history,
-                      self.checkpoint_callback]
+                      self.target_stop, *self._mlperf_callbacks(run, monitor), self.checkpoint_callback]
         kwargs["callbacks"] = callbacks
 
         if trainer_cfg.logger is None or trainer_cfg.logger is True:
-            kwargs["logger"] = self._make_logger(run) or False
+            # MLflow first: trainer.logger (the first one) is the run that fit.py tracks.
+            loggers = [self._make_logger(run), self._tensorboard_logger(run)]
+            kwargs["logger"] = [logger for logger in loggers if logger is not None] or False
 
         plugins = self._get(self.config_init, "trainer.plugins") or []
         plugins = list(plugins) if isinstance(plugins, list | tuple) else [plugins]
@@ -169,6 +176,29 @@ class HpcTrainCLI(LightningCLI):
             plugins.append(SLURMEnvironment(auto_requeue=False))
             kwargs["plugins"] = plugins
         return super().instantiate_trainer(**kwargs)
+
+    def _mlperf_callbacks(self, run: RunOptions, monitor: str | None) -> list[Any]:
+        benchmark = getattr(self.model, "mlperf_benchmark", None)
+        if not (run.mlperf and benchmark and monitor) or run.smoke:
+            return []
+        from hpctrain.mlperf import MLPerfLog  # only tasks with a benchmark need the package
+
+        assert self.job is not None and self.target_stop is not None
+        seed = self.config.seed_everything
+        return [MLPerfLog(self.job.mlperf_log, benchmark, monitor, self.target_stop,
+                          int(seed) if seed is not None else None)]
+
+    def _tensorboard_logger(self, run: RunOptions) -> Any:
+        """Event files in ``<job_dir>/tensorboard/`` (Lightning writes them on rank 0 only;
+        without the ``tensorboard`` package it uses ``tensorboardX``, the image's choice)."""
+        if not run.tensorboard:
+            return None
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        assert self.job is not None
+        # version "": no version_N subfolder, so a requeued attempt adds an event file to the same run
+        return TensorBoardLogger(save_dir=self.job.root, name=self.job.tensorboard.name, version="",
+                                 default_hp_metric=False)
 
     def _make_logger(self, run: RunOptions) -> Any:
         assert self.job is not None

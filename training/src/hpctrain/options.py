@@ -28,6 +28,12 @@ class RunOptions:
     :param smoke: a fast dev run (one batch of train and validation) for pipeline tests; its
         manifest is marked ``smoke`` and never counts as a finished job.
     :param export_program: also export a ``torch.export`` program (``model.pt2``) for serving.
+    :param target: quality target of the monitored metric (e.g. ``val/iou`` 0.8): training stops
+        at the first validation that reaches it (``>=`` for ``max``, ``<=`` for ``min``
+        metrics), and the manifest records ``time_to_target_s``; ``None`` trains every epoch.
+    :param tensorboard: also write TensorBoard event files into ``<job_dir>/tensorboard/``.
+    :param mlperf: write MLPerf HPC ``:::MLLOG`` lines (``<job_dir>/mlperf.log`` and stdout) for
+        a task that names an MLPerf benchmark (``deepcam``); never in smoke runs.
     """
 
     job_dir: str | None = None
@@ -44,3 +50,6 @@ class RunOptions:
     num_threads: int | None = None
     smoke: bool = False
     export_program: bool = True
+    target: float | None = None
+    tensorboard: bool = True
+    mlperf: bool = True

@@ -37,6 +37,8 @@ class TaskModule(LightningModule):
     monitor_mode: ClassVar[Literal["min", "max"]] = "min"
     #: hyperparameters the data decides when the config leaves them unset
     shape_keys: ClassVar[tuple[str, ...]] = ()
+    #: the MLPerf HPC benchmark this task stands in for (its runs write ``mlperf.log``), if any
+    mlperf_benchmark: ClassVar[str | None] = None
 
     def __init__(
         self,

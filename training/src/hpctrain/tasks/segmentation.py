@@ -56,6 +56,7 @@ class ClimateSegmenter(TaskModule):
     monitor: ClassVar[str] = "val/iou"
     monitor_mode: ClassVar = "max"
     shape_keys: ClassVar[tuple[str, ...]] = ("in_channels", "num_classes")
+    mlperf_benchmark: ClassVar[str | None] = "deepcam"
 
     def __init__(
         self,
