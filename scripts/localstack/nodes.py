@@ -51,9 +51,12 @@ def _in_node(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 
 def slurmd_command(node: str) -> list[str]:
-    """The foreground slurmd of ``node``, inside its namespace for ``local2``."""
+    """The foreground slurmd of ``node``, inside its namespace for ``local2``.
+
+    ``nsenter --net`` and not ``ip netns exec``: the latter also gives the process a mount
+    namespace with a fresh /sys, without the cgroup filesystem slurmd needs at start."""
     slurmd = ["/usr/sbin/slurmd", "-D", "-N", node]
-    return slurmd if node == "local1" else ["ip", "netns", "exec", NETNS, *slurmd]
+    return slurmd if node == "local1" else ["nsenter", f"--net=/run/netns/{NETNS}", *slurmd]
 
 
 def network_up() -> None:

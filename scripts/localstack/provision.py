@@ -71,7 +71,7 @@ def _make_traversable(path: Path) -> None:
 
 
 def folders() -> None:
-    for sub in ("logs", "run", "etc/slurm", "slurm/ctld", "slurm/d", "sshd/authorized_keys", "keys",
+    for sub in ("logs", "run", "etc/slurm", "slurm/ctld", "slurm/d/local1", "slurm/d/local2", "sshd/authorized_keys", "keys",
                 "home", "registry/data", "mongo", "mlflow/artifacts", "airflow/logs", "docker", "cache"):
         (STACK / sub).mkdir(parents=True, exist_ok=True)
     os.chmod(STACK, 0o755)

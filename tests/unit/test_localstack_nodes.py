@@ -36,6 +36,6 @@ def test_slurm_conf_has_two_nodes_at_their_addresses_in_every_partition(tmp_path
 def test_second_slurmd_runs_inside_its_namespace():
     by_name = {s.name: s for s in services("local")}
     assert by_name["slurmd"].command == ["/usr/sbin/slurmd", "-D", "-N", "local1"]
-    assert by_name["slurmd-local2"].command[:4] == ["ip", "netns", "exec", nodes.NETNS]
+    assert by_name["slurmd-local2"].command[:2] == ["nsenter", f"--net=/run/netns/{nodes.NETNS}"]
     assert by_name["slurmd-local2"].command[-2:] == ["-N", "local2"]
     assert by_name["slurmd-local2"].env == by_name["slurmd"].env  # a changed slurm.conf restarts both
