@@ -388,3 +388,13 @@ def test_sensor_in_reschedule_mode_remembers_how_long_the_job_has_been_missing(m
     clock[0] += 1
     with pytest.raises(AirflowFailException, match="4242 not found"):
         poke()
+
+
+def test_a_slurm_older_than_supported_fails_the_task_without_retry():
+    cluster = FakeCluster()
+    op = make(cluster)
+    cluster.version, op.hook._version_known = "slurm 20.02.7", False  # what a fresh connection finds
+    ctx, _ = run(op)
+    with pytest.raises(AirflowFailException, match="20.11 or newer"):
+        op.execute(ctx)
+    assert "sbatch" not in cluster.tools()

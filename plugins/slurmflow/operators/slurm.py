@@ -265,6 +265,7 @@ class SlurmSubmitJobOperator(BaseOperator):
 
     def execute(self, context: Context) -> dict[str, Any] | None:
         from slurmflow.parsing import SlurmParseError  # deferred: run time only
+        from slurmflow.versions import UnsupportedSlurmVersion
 
         script = self._script or self._prepare(context)
         ident = self._identity
@@ -278,6 +279,8 @@ class SlurmSubmitJobOperator(BaseOperator):
             outcome = self.hook.submit(ident.key, ident.generation, script, self.sbatch_script, secrets_text)
         except SlurmSubmitError as exc:
             raise AirflowFailException(f"Slurm rejected job {script.job_name}: {exc}") from exc
+        except UnsupportedSlurmVersion as exc:  # the cluster's Slurm does not change between tries
+            raise AirflowFailException(str(exc)) from exc
         except (SlurmError, SlurmParseError) as exc:
             raise AirflowException(f"could not submit Slurm job {script.job_name}: {exc}") from exc
 

@@ -185,6 +185,7 @@ def preflight() -> str:
     from slurmflow.errors import SlurmSubmitError
     from slurmflow.pipeline.jobs import check_training_params, sbatch_options
     from slurmflow.sbatch import build_script, render_script
+    from slurmflow.versions import UnsupportedSlurmVersion
 
     params = get_current_context()["params"]
     try:
@@ -203,6 +204,10 @@ def preflight() -> str:
                               options=sbatch_options(params, site_settings(cluster=cluster_of(params))))
     except ValueError as exc:  # a combination of Params, or an sbatch_extra value: bad input, no retry
         raise AirflowFailException(f"invalid Slurm resources: {exc}") from exc
+    try:
+        hook.features  # noqa: B018 (the probe: a Slurm older than we support fails here, before any job)
+    except UnsupportedSlurmVersion as exc:
+        raise AirflowFailException(str(exc)) from exc
     hook.stage(script, render_script(script), None)
     try:
         return hook.test_only(script.script_path)
