@@ -27,7 +27,7 @@ def test_a_shaped_training_runs_with_its_options(run_dag, api, mlflow_client):
     script = open(mlflow_client.download_artifacts(reg["run_id"], "slurm/job.sh")).read()
     for line in ("#SBATCH --exclusive", "#SBATCH --hint=nomultithread", "#SBATCH --nice=10", "#SBATCH --mail-type=NONE"):
         assert line in script.splitlines(), line
-    assert "srun --kill-on-bad-exit=1 --cpu-bind=cores " in script  # a single task, bound through srun
+    assert "srun --kill-on-bad-exit=0 --wait=60 --cpu-bind=cores " in script  # a single task, bound through srun
     log = api.task_log("train_model", run["dag_run_id"], "train")
     assert "training complete" in log
 

@@ -53,7 +53,7 @@ def test_the_seeds_gpu_script_from_params():
         assert f"#SBATCH {expected}" in lines
     assert not any("--gpus-per-node" in line for line in lines)
     # one process per GPU through srun, bound as the seed binds them (srun's option: sbatch has none)
-    assert "srun --kill-on-bad-exit=1 --cpu-bind=verbose,map_cpu:0,8,16,24 " in command
+    assert "srun --kill-on-bad-exit=0 --wait=60 --cpu-bind=verbose,map_cpu:0,8,16,24 " in command
     assert " --nv " in command or "--nv" in command.split(), "GPUs requested in total reach the container too"
 
 
@@ -63,12 +63,12 @@ def test_the_seeds_cpu_script_from_params():
                      "--cpus-per-task=128", "--time=10:00:00", "--exclusive", "--hint=nomultithread"):
         assert f"#SBATCH {expected}" in lines
     assert not any("--gpus" in line for line in lines)
-    assert command.startswith("srun --kill-on-bad-exit=1 ") or "srun --kill-on-bad-exit=1 " in command
+    assert command.startswith("srun --kill-on-bad-exit=0 --wait=60 ") or "srun --kill-on-bad-exit=0 --wait=60 " in command
 
 
 def test_a_single_task_with_a_cpu_binding_goes_through_srun():
     _, command = sbatch_lines({"cpu_bind": "cores"})
-    assert "srun --kill-on-bad-exit=1 --cpu-bind=cores " in command
+    assert "srun --kill-on-bad-exit=0 --wait=60 --cpu-bind=cores " in command
     _, plain = sbatch_lines({})
     assert "srun" not in plain
 
@@ -128,7 +128,7 @@ def test_two_node_gpu_ddp_job_is_rendered_as_the_golden_file():
     assert path.exists(), f"missing golden file {path}; run with SLURMFLOW_UPDATE_GOLDEN=1"
     assert text == path.read_text()
     assert "#SBATCH --gpus-per-node=4" in text and "#SBATCH --gpu-bind=closest" in text
-    assert "srun --kill-on-bad-exit=1 podman-hpc run" in text and "--gpu" in text
+    assert "srun --kill-on-bad-exit=0 --wait=60 podman-hpc run" in text and "--gpu" in text
     assert "NCCL_SOCKET_IFNAME=hsn" in text
 
 

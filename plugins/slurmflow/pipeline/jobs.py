@@ -150,10 +150,19 @@ def gpus_requested(params: Mapping[str, Any]) -> bool:
     return int(params.get("gpus") or 0) > 0 or int(params.get("gpus_per_node") or 0) > 0
 
 
+#: How long srun lets the other ranks finish after the first one ended (``srun --wait``).
+#: Not ``--kill-on-bad-exit=1``: on preemption every rank checkpoints together and exits 75, and
+#: the first to exit would have srun kill the rest, whose SIGTERM status (143) then outranks 75 in
+#: srun's exit code, so the job failed instead of being requeued (a two-node run, seen on the
+#: local cluster). A rank that crashes leaves the others stuck in a collective: they are ended
+#: this long after it, and srun's exit code is the crash's.
+RANKS_EXIT_WAIT_S = 60
+
+
 def container_options(params: Mapping[str, Any], site: Site) -> dict[str, Any]:
     """Keyword arguments of :func:`~slurmflow.runtimes.container_command` for a training job."""
     multi = int(params["nodes"]) * int(params["ntasks_per_node"]) > 1
-    launcher = ["srun", "--kill-on-bad-exit=1"]
+    launcher = ["srun", "--kill-on-bad-exit=0", f"--wait={RANKS_EXIT_WAIT_S}"]
     if params.get("cpu_bind"):  # srun's alone (sbatch has no --cpu-bind): a single task goes through srun too
         launcher.append(f"--cpu-bind={params['cpu_bind']}")
     env = {"MLFLOW_TRACKING_URI": site.tracking_uri, **site.extra_env}
