@@ -140,3 +140,13 @@ def test_two_node_gpu_ddp_job_is_rendered_as_the_golden_file():
 def test_gpus_and_processes_must_pair_up(conf, reason):
     with pytest.raises(ValueError, match=reason):
         sbatch_options(params(**conf), SITE)
+
+
+def test_the_training_runs_without_the_job_dir_on_its_import_path():
+    """The container's working directory is the job dir: with `python -m` alone its folders
+    (`tensorboard/` after a first attempt) shadowed installed packages."""
+    from slurmflow.pipeline.jobs import training_argv
+    from slurmflow.pipeline.params import train_params
+
+    params = {name: p.value for name, p in train_params().items()}
+    assert training_argv(params)[:4] == ["python", "-P", "-m", "hpctrain"]

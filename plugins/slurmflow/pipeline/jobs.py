@@ -70,7 +70,10 @@ def training_argv(params: Mapping[str, Any]) -> list[str]:
     check_training_params(params)
     task = params["task"]
     argv = [
-        "python", "-m", "hpctrain", "fit", "--config", f"{IMAGE_CONFIG_DIR}/{CONFIGS[task]}",
+        # -P: the working directory is the job dir, and `python -m` would put it first on
+        # sys.path, where its `tensorboard/` folder shadowed the package (Lightning then took
+        # TensorBoard for installed and a resumed training failed at start).
+        "python", "-P", "-m", "hpctrain", "fit", "--config", f"{IMAGE_CONFIG_DIR}/{CONFIGS[task]}",
         f"--seed_everything={int(params['seed'])}",
         f"--trainer.max_epochs={int(params['max_epochs'])}",
         f"--model.lr={float(params['lr'])}",
