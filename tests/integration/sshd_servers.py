@@ -70,7 +70,7 @@ class Sshd:
             f"PidFile {self.root}/{self.name}.pid", f"AuthorizedKeysFile {self.root}/authorized_keys",
             "PubkeyAuthentication yes", "PasswordAuthentication no", "KbdInteractiveAuthentication no",
             "UsePAM no", "StrictModes no", f"AllowUsers {self.user}", "PermitRootLogin no",
-            "LogLevel VERBOSE", "MaxStartups 100:30:200", "MaxSessions 100", "",
+            "LogLevel VERBOSE", "MaxStartups 100:30:200", "MaxSessions 100", "Subsystem sftp internal-sftp", "",
         ]))
         subprocess.run([SSHD, "-t", "-f", str(config)], check=True)
         self.proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stdout=subprocess.DEVNULL,
