@@ -43,3 +43,23 @@ class SlurmSubmitError(SlurmCommandError):
 
 class SlurmJobNotFoundError(SlurmError):
     """The job id is known to neither squeue, sacct nor scontrol."""
+
+
+class SSHReauthRequired(SlurmConnectionError):
+    """Only a person can get us back onto the login node: the SSH master they opened (after MFA)
+    is gone, the login was refused, or a certificate expired. Raised at once, never after a
+    prompt or a wait; the message ends with what to run.
+
+    :param reason: what went wrong.
+    :param command: the command that fixes it (open the master again, renew the certificate).
+    """
+
+    def __init__(self, reason: str, command: str):
+        self.reason = reason
+        self.command = command
+        super().__init__(f"{reason}. To log in again, run on the Airflow machine (as the user Airflow "
+                         f"runs as): {command}")
+
+
+class SSHCertificateExpired(SSHReauthRequired):
+    """The SSH certificate is expired, not yet valid, or about to expire: renew it first."""

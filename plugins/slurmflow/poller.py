@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from slurmflow.errors import SlurmError
+from slurmflow.errors import SlurmError, SSHReauthRequired
 from slurmflow.logs import LogChunk, LogRead
 from slurmflow.parsing import SlurmParseError
 from slurmflow.status import JobSnapshot, ResolveOptions
@@ -235,8 +235,9 @@ class ClusterPoller:
             plans = {id(s): s.log_reads(snapshots[s.job_id]) for s in subs}
             reads = [r for plan in plans.values() for _, r in plan]
             chunks = await self.hook.read_logs(reads) if reads else []
-        except UnsupportedSlurmVersion as exc:
-            # No later round can do better: every subscriber hears it now, not after failure_limit.
+        except (UnsupportedSlurmVersion, SSHReauthRequired) as exc:
+            # No later round can do better (an old Slurm; an SSH master or certificate only a
+            # person can renew): every subscriber hears it now, not after failure_limit.
             self._record_round(before)
             log.error("Slurm poll on %r: %s", self.conn_id, exc)
             self._broadcast_error(str(exc))

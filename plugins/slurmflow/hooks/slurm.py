@@ -3,7 +3,10 @@
 Blocking side (:class:`SlurmHook`) for operators and sensors, on ``SSHHook`` (paramiko, one
 cached connection, SFTP for files). Async side (:class:`SlurmAsyncHook`) for the triggerer's
 shared poller, on ``SSHHookAsync`` (asyncssh) with the same connection id. Both run argv lists
-built by :mod:`slurmflow.commands`, joined with ``shlex.quote``.
+built by :mod:`slurmflow.commands`, joined with ``shlex.quote``. A connection with the extra
+``transport: openssh`` goes through the system ``ssh`` and one ControlMaster instead, on both
+sides (:mod:`slurmflow.hooks.openssh`): the hooks hand it their commands and files and keep
+everything else.
 """
 
 from __future__ import annotations
@@ -30,8 +33,10 @@ from slurmflow.errors import (
     SlurmSubmitError,
     SlurmTimeoutError,
 )
+from slurmflow.hooks.openssh import AsyncOpenSSHTransport, OpenSSHTransport
 from slurmflow.identity import ExistingJob, JobKey, decide, parse_job_name
 from slurmflow.logs import DEFAULT_TAIL_BYTES, LogChunk, LogRead, parse_read_logs, read_logs_command
+from slurmflow.openssh import OpenSSHSettings, uses_openssh
 from slurmflow.parsing import split_job_id
 from slurmflow.sbatch import SbatchScript
 from slurmflow.status import (
@@ -147,8 +152,34 @@ class SlurmHook(BaseHook):
             conn_retry_attempts=self.conn_retry_attempts,
         )
 
+    @cached_property
+    def openssh(self) -> OpenSSHTransport | None:
+        """The OpenSSH transport when the connection's extra ``transport`` is ``openssh``;
+        ``None``: paramiko (the default)."""
+        settings = _openssh_settings(self._connection_or_none())
+        if settings is None:
+            return None
+        return OpenSSHTransport(settings, connect_patience=self.connect_patience)
+
+    def _connection_or_none(self) -> Any:
+        try:
+            return self.get_connection(self.slurm_conn_id)
+        except Exception:
+            # The paramiko path reads it again and reports what is wrong with it.
+            self.log.debug("connection %r not readable here", self.slurm_conn_id, exc_info=True)
+            return None
+
+    @property
+    def username(self) -> str:
+        """The cluster user (job paths name it)."""
+        if self.openssh is not None:
+            return self.openssh.settings.user
+        return str(getattr(self.ssh_hook, "username", "") or "")
+
     @property
     def address(self) -> str:
+        if self.__dict__.get("openssh") is not None:
+            return self.openssh.address
         try:
             return f"{self.ssh_hook.username}@{self.ssh_hook.remote_host}:{self.ssh_hook.port}"
         except Exception:
@@ -197,6 +228,8 @@ class SlurmHook(BaseHook):
 
     def _drop_connection(self) -> None:
         self._version_known = False
+        if self.__dict__.get("openssh") is not None:
+            return  # the master outlives the hook on purpose: other tasks ride on it
         client = getattr(self.ssh_hook, "client", None)
         self.ssh_hook.client = None
         if client is not None:
@@ -217,6 +250,8 @@ class SlurmHook(BaseHook):
         :raises SlurmTimeoutError: the command ran longer than ``timeout``.
         """
         limit = self.cmd_timeout if timeout is None else timeout
+        if self.openssh is not None:
+            return self._openssh_call(self.openssh.exec, command, timeout=limit)
         client = self._client()
         try:
             transport = client.get_transport()
@@ -260,6 +295,13 @@ class SlurmHook(BaseHook):
             raise SlurmConnectionError(
                 f"connection to {self.address} failed while running a command: {type(exc).__name__}: {exc}"
             ) from exc
+
+    def _openssh_call(self, call: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return call(*args, **kwargs)
+        except SlurmConnectionError:
+            self._version_known = False  # the next connection may reach another login node
+            raise
 
     def run(self, argv: Sequence[str] | str, timeout: float | None = None) -> CommandResult:
         """Run an argv (quoted with :func:`slurmflow.commands.to_shell`) or a prepared command."""
@@ -309,6 +351,8 @@ class SlurmHook(BaseHook):
     def upload(self, path: str, content: str | bytes, mode: int = 0o644) -> None:
         """Write a file over SFTP; the mode is set *before* any content is written."""
         data = content.encode() if isinstance(content, str) else content
+        if self.openssh is not None:
+            return self._openssh_call(self.openssh.upload, path, data, mode, timeout=self.cmd_timeout)
         client = self._client()
         try:
             with client.open_sftp() as sftp:
@@ -321,6 +365,8 @@ class SlurmHook(BaseHook):
 
     def download(self, remote: str, local: Path) -> bool:
         """Copy a file or a directory tree from the cluster over SFTP; ``False`` when it does not exist."""
+        if self.openssh is not None:
+            return self._openssh_call(self.openssh.download, remote, local, timeout=self.cmd_timeout)
         client = self._client()
         try:
             with client.open_sftp() as sftp:
@@ -566,6 +612,9 @@ class SlurmAsyncHook(BaseHook):
         self.cmd_timeout = cmd_timeout
         self.conn_timeout = conn_timeout
         self._conn: Any = None
+        #: The OpenSSH transport, once the connection was read and chose it.
+        self._openssh: AsyncOpenSSHTransport | None = None
+        self._transport_known = False
         self._lock = asyncio.Lock()
         self.command_counts: Counter[str] = Counter()
         self.connects = 0
@@ -581,11 +630,16 @@ class SlurmAsyncHook(BaseHook):
 
     async def _connection(self) -> Any:
         async with self._lock:
-            if self._conn is not None and not self._conn.is_closed():
+            if self._conn is not None and (self._openssh is not None or not self._conn.is_closed()):
                 return self._conn
             try:
+                if await self._open_openssh():
+                    return self._conn
                 async with asyncio.timeout(self.conn_timeout):
                     self._conn = await self.ssh_hook.get_conn()
+            except SlurmConnectionError:
+                self._conn = None
+                raise
             except Exception as exc:
                 self._conn = None
                 raise SlurmConnectionError(
@@ -596,6 +650,25 @@ class SlurmAsyncHook(BaseHook):
             self._version_known = False  # a new connection: probe its release again
             return self._conn
 
+    async def _open_openssh(self) -> bool:
+        """Use the OpenSSH transport if the connection says so (``True``); then ``_conn`` is it.
+        Its errors (no master, expired certificate) pass as they are: they name the fix."""
+        if not self._transport_known:
+            from airflow.providers.common.compat.connection import get_async_connection
+
+            settings = _openssh_settings(await get_async_connection(self.slurm_conn_id))
+            # One try per round: the poller's rounds are the retries (its failure_limit).
+            self._openssh = AsyncOpenSSHTransport(settings, connect_patience=0) if settings else None
+            self._transport_known = True
+        if self._openssh is None:
+            return False
+        if not self._openssh.ready:
+            await self._openssh.ensure_ready()
+            self.connects += 1
+            self._version_known = False
+        self._conn = self._openssh
+        return True
+
     async def exec_bytes(self, command: str, timeout: float | None = None) -> tuple[int, bytes, bytes]:
         """Run a shell command string; ``(exit, stdout, stderr)`` as bytes.
 
@@ -604,6 +677,12 @@ class SlurmAsyncHook(BaseHook):
         """
         conn = await self._connection()
         limit = self.cmd_timeout if timeout is None else timeout
+        if conn is self._openssh:
+            try:
+                return await self._openssh.exec(command, timeout=limit)
+            except SlurmConnectionError:
+                self._conn = None  # reconnect, and probe the release again
+                raise
         try:
             async with asyncio.timeout(limit):
                 result = await conn.run(command, check=False, encoding=None)
@@ -669,9 +748,19 @@ class SlurmAsyncHook(BaseHook):
 
     async def close(self) -> None:
         conn, self._conn = self._conn, None
-        if conn is not None:
+        if conn is not None and conn is not self._openssh:  # a master outlives the poller
             try:
                 conn.close()
                 await asyncio.wait_for(conn.wait_closed(), timeout=5)
             except Exception:
                 self.log.debug("closing the asyncssh connection failed", exc_info=True)
+
+
+def _openssh_settings(conn: Any) -> OpenSSHSettings | None:
+    """Settings of the OpenSSH transport when ``conn`` chooses it (extra ``transport``)."""
+    if conn is None:
+        return None
+    extra = conn.extra_dejson
+    if not uses_openssh(extra):
+        return None
+    return OpenSSHSettings.from_connection(conn.host, conn.port, conn.login, extra)

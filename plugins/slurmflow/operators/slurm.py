@@ -304,7 +304,7 @@ class SlurmSubmitJobOperator(BaseOperator):
         from slurmflow.parsing import expand_array_indices  # deferred: run time only
 
         tasks = expand_array_indices(script.options["array"]) if script.is_array else []
-        user = str(getattr(self.hook.ssh_hook, "username", "") or "")
+        user = self.hook.username
         paths = script.paths(user)
         return {
             "job_id": job_id,

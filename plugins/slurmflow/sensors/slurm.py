@@ -104,7 +104,7 @@ class SlurmJobSensor(BaseSensorOperator):
     def _paths(self) -> JobPaths | None:
         if not self.log_path:
             return None
-        return JobPaths.for_log(self.log_path, user=str(getattr(self.hook.ssh_hook, "username", "") or ""))
+        return JobPaths.for_log(self.log_path, user=self.hook.username)
 
     def execute(self, context: Context) -> Any:
         job_id = self._job_id()
