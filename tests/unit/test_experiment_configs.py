@@ -20,7 +20,7 @@ from slurmflow.pipeline.experiments import (
 )
 from slurmflow.pipeline.jobs import Site, training_argv, training_job
 from slurmflow.pipeline.params import train_params
-from slurmflow.pipeline.tasks import check_experiment, model_name_of
+from slurmflow.pipeline.preparation import check_experiment, model_name_of
 
 REPO = Path(__file__).resolve().parents[2]
 SITE = Site(partition="debug", account="", runtime="none")

@@ -26,7 +26,7 @@ from slurmflow.pipeline.lineage import (
     staged_checkpoint_path,
 )
 from slurmflow.pipeline.params import train_params
-from slurmflow.pipeline.tasks import lineage_tags
+from slurmflow.pipeline.preparation import lineage_tags
 
 RUN_ID = "0123456789abcdef0123456789abcdef"
 
