@@ -39,14 +39,14 @@ class InitCheckpoint:
 
     :param path: absolute path of the checkpoint file.
     :param mode: ``resume`` or ``weights``.
-    :param epochs: full epochs the parent trained (Lightning's count).
-    :param global_step: the parent's optimizer steps.
+    :param epochs: full epochs the parent trained (Lightning's count); None when not read (a requeue).
+    :param global_step: the parent's optimizer steps; None when not read.
     """
 
     path: Path
     mode: str
-    epochs: int
-    global_step: int
+    epochs: int | None
+    global_step: int | None
 
     def summary(self, job: JobDir) -> dict[str, Any]:
         """The manifest's ``training.init_from``."""
@@ -65,6 +65,13 @@ def epochs_trained(checkpoint: dict[str, Any]) -> int:
     if "processed" in progress:
         return int(progress["processed"])
     return int(checkpoint.get("epoch", -1)) + 1
+
+
+def recorded_init_checkpoint(job: JobDir, path: str, mode: str) -> InitCheckpoint:
+    """``run.init_from`` as a requeued attempt records it: for the manifest only, the file not read
+    (the attempt resumes from its own checkpoint; a big parent checkpoint is not loaded twice)."""
+    file = Path(path) if Path(path).is_absolute() else job.root / path
+    return InitCheckpoint(file, mode, None, None)
 
 
 def load_init_checkpoint(job: JobDir, path: str, mode: str, max_epochs: int | None) -> InitCheckpoint:

@@ -38,7 +38,7 @@ from hpctrain import environment, tracking
 from hpctrain.callbacks import AttemptLog, EpochHistory, ResumeStateCallback
 from hpctrain.data.base import HpcDataModule
 from hpctrain.errors import AlreadyComplete, ConfigError
-from hpctrain.init import InitCheckpoint, InitWeights, load_init_checkpoint
+from hpctrain.init import InitCheckpoint, InitWeights, load_init_checkpoint, recorded_init_checkpoint
 from hpctrain.job import JOB_DIR_ENV, JobDir, resolve_job_dir
 from hpctrain.manifest import is_complete, load_manifest
 from hpctrain.options import RunOptions
@@ -204,10 +204,7 @@ class HpcTrainCLI(LightningCLI):
             # A requeued attempt of a continued job: its own checkpoint already holds the parent's
             # state and what it trained since; the parent's is recorded, not used.
             log.info("run.init_from=%s ignored: resuming this job's own %s", run.init_from, self.job.last_checkpoint)
-            try:
-                self.init = load_init_checkpoint(self.job, run.init_from, run.init_mode, None)
-            except ConfigError:
-                self.init = None
+            self.init = recorded_init_checkpoint(self.job, run.init_from, run.init_mode)
             return []
         max_epochs = trainer_cfg.max_epochs
         if max_epochs is None:  # Lightning's default: 1000 epochs unless max_steps bounds the run
