@@ -260,7 +260,7 @@ def job_spec(image: str, overrides: dict[str, Any] | None = None) -> dict[str, A
         text = read_config(config_name(params))
     except ValueError as exc:
         raise AirflowFailException(f"invalid config: {exc}") from exc
-    parent, source = None, None
+    parent, source, kind = None, None, None
     if params.get("init_from"):
         parent = find_parent(params)
         kind, source = parent_checkpoint(parent, hook, cluster_of(params), stage=True)
@@ -299,7 +299,10 @@ def sweep_job_spec(image: str, trials: list[dict[str, Any]], overrides: dict[str
     runtime = params.get("container_runtime") or site.runtime
     cap = _site_value(cluster_variables(cluster_of(params)), "max_array_size", "")
     max_array = min(hook.max_array_size(), int(cap) if cap else 1 << 31)
-    config_text = read_config(config_name(params))
+    try:
+        config_text = read_config(config_name(params))
+    except ValueError as exc:
+        raise AirflowFailException(f"invalid config: {exc}") from exc
     pieces = plan_pieces(len(trials), max_array)
     if len(pieces) > 1:
         log.info("%d trials in %d array jobs of at most %d (MaxArraySize), run one after another",
