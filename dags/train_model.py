@@ -4,6 +4,11 @@ Trigger it with the form (every field validated; the defaults train a small surr
 local stack). Steps: pre-flight (``sbatch --test-only``) -> build or reuse the training image ->
 submit the job (exactly once) -> wait deferred, with the job's log in the task log -> copy the
 results off the cluster and register the model in MLflow -> record the run in the Mongo catalog.
+
+Experiment: ``config`` trains one of training/configs/*.yaml (your own model, README "Your own
+model") with ``overrides`` such as ``--model.lr=0.001``; ``init_from`` (``models:/name/3``,
+``models:/name@champion`` or a run id) continues a previous run from its last checkpoint, with
+``init_mode`` resume (``max_epochs`` is the total) or weights (README "Continue a previous experiment").
 """
 
 from __future__ import annotations

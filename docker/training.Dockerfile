@@ -46,6 +46,8 @@ ENV VIRTUAL_ENV=/opt/venv \
 # from the orchestrator instead (BuildImageOperator's code_version).
 
 # --- code: last, so editing training/ rebuilds only from here ---------------------------------
+# training/configs/ is not sent (ImageBuildHook's context, the .dockerignore): experiment configs
+# travel with each job (slurmflow.pipeline.experiments), so a config-only change reuses the image.
 COPY training/ /opt/hpctrain/
 # Built from a scratch copy: setuptools writes build/ and *.egg-info next to the sources.
 RUN cp -a /opt/hpctrain /tmp/hpctrain-build \

@@ -27,9 +27,11 @@ DEFAULT_RETRY_STATES: frozenset[str] = frozenset({"NODE_FAIL", "BOOT_FAIL", "PRE
 #: The Dockerfile's own ``ARG BASE_IMAGE`` default: what users get without a local base image.
 DEFAULT_BASE_IMAGE = "python:3.11-slim-bookworm"
 
-#: Never part of the image: caches, local runs, VCS data, tests. Matched against each path
-#: component (directories are pruned) and against the relative path.
+#: Never part of the image: caches, local runs, VCS data, tests, and the experiment configs (they
+#: travel with each job, so a config-only change reuses the image: slurmflow.pipeline.experiments).
+#: Matched against each path component (directories are pruned) and against the relative path.
 DEFAULT_EXCLUDES: tuple[str, ...] = (
+    "training/configs",
     ".git",
     ".venv",
     "__pycache__",

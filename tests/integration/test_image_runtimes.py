@@ -230,9 +230,12 @@ def test_docker_job_pulls_once_and_trains(cluster: Cluster, image: str, auth_dir
     # and the builder's cache survives. (dockerd needs no credentials for content it holds: the
     # podman tests prove the staged credentials.)
     subprocess.run(["docker", "rmi", image], capture_output=True, check=True)
+    # the config travels with the job (the image holds no configs: slurmflow.pipeline.experiments)
+    config = (REPO / "training" / "configs" / "surrogate.yaml").read_text()
     train = (
-        f"{CHECK} && python -m hpctrain make-data borehole.parquet --rows 256 "
-        "&& python -m hpctrain fit --config /opt/hpctrain/configs/surrogate.yaml --smoke"
+        f"{CHECK} && printf '%s' {shlex.quote(config)} > experiment.yaml "
+        "&& python -m hpctrain make-data borehole.parquet --rows 256 "
+        "&& python -m hpctrain fit --config experiment.yaml --smoke"
     )
     rc, out, job_dir, secret = submit(cluster, "docker", image, ["sh", "-c", train], auth_dir)
     _assert_job(cluster, rc, out, job_dir, secret)

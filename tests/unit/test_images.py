@@ -97,6 +97,22 @@ def test_any_input_change_changes_the_hash(ctx: BuildContext, change) -> None:
     assert _hash(ctx) != before
 
 
+def test_a_config_only_change_keeps_the_image(ctx: BuildContext) -> None:
+    """Experiment configs travel with each job (slurmflow.pipeline.experiments), not in the image:
+    adding or editing one changes neither the files sent to the daemon nor the tag."""
+    configs = ctx.root / "training" / "configs"
+    configs.mkdir()
+    (configs / "mine.yaml").write_text("seed_everything: 1\n")
+    before, files = _hash(ctx), ctx.content_files()
+    assert not any(f.startswith("training/configs") for f in files)
+    (configs / "mine.yaml").write_text("seed_everything: 2\n")
+    (configs / "ecg.yaml").write_text("trainer: {max_epochs: 3}\n")
+    assert _hash(ctx) == before and ctx.content_files() == files
+    # ...while a package module named configs still counts (only the repository's folder is left out)
+    (ctx.root / "training" / "src" / "hpctrain" / "configs.py").write_text("")
+    assert _hash(ctx) != before
+
+
 def test_base_image_id_and_build_args_count_but_not_the_base_name(ctx: BuildContext) -> None:
     before = _hash(ctx)
     assert _hash(ctx, base="sha256:" + "c" * 64) != before
@@ -172,6 +188,9 @@ def test_dockerignore_mirrors_the_default_excludes() -> None:
     for pattern in DEFAULT_EXCLUDES:
         if pattern in (".git", "dist", "build", "tests"):
             continue  # covered by the leading `**` or by an explicit training/... line
+        if "/" in pattern:  # a path of the repository, not a name anywhere
+            assert re.search(rf"^{re.escape(pattern)}/?$", ignore, re.M), pattern
+            continue
         assert re.search(rf"\*\*/{re.escape(pattern)}/?$", ignore, re.M), pattern
 
 

@@ -19,6 +19,8 @@ from slurmflow.pipeline.params import EXTRA_SBATCH, train_params
 from slurmflow.sbatch import OPTIONS, SbatchOptionError, build_script, render_script
 
 SITE = Site(partition="debug", account="research", runtime="apptainer")
+#: the experiment config a job carries (a stand-in: the golden file must not change with deepcam.yaml)
+CONFIG = "# deepcam.yaml would be here\nseed_everything: 42\n"
 IMAGE = "registry.example/slurmflow/training@sha256:" + "a" * 64
 
 DEEPCAM_GPU = {"task": "deepcam", "account": "z19", "partition": "gpu", "qos": "gpu-exc", "nodes": 2, "gpus": 8,
@@ -39,7 +41,7 @@ def params(**conf):
 
 
 def sbatch_lines(conf: dict) -> tuple[list[str], str]:
-    job = training_job(params(**conf), IMAGE, SITE)
+    job = training_job(params(**conf), IMAGE, SITE, CONFIG)
     script = build_script(command=job["command"], job_name="train.x.g0", job_dir="/scratch/u/jobs/x",
                           options=job["sbatch_options"])
     text = render_script(script)
@@ -117,7 +119,7 @@ def test_two_node_gpu_ddp_job_is_rendered_as_the_golden_file():
     NCCL told the site's high-speed interface; regenerate with SLURMFLOW_UPDATE_GOLDEN=1."""
     conf = {"task": "deepcam", "nodes": 2, "ntasks_per_node": 4, "gpus_per_node": 4, "cpus_per_task": 8,
             "gpu_bind": "closest", "time_limit": "01:00:00", "exclusive": True}
-    job = training_job(params(**conf), IMAGE, GPU_SITE)
+    job = training_job(params(**conf), IMAGE, GPU_SITE, CONFIG)
     script = build_script(command=job["command"], job_name="train.0123456789ab.g0",
                           job_dir="/pscratch/u/slurmflow-jobs/train_model/r1/train/g0", options=job["sbatch_options"])
     text = render_script(script)

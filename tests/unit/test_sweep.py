@@ -20,6 +20,7 @@ from slurmflow.pipeline.sweep import (
     trial_args,
 )
 
+CONFIG = "seed_everything: 1\nmodel: {note: \"$(touch pwned) `id`\"}\n"
 PARAMS = {"task": "deepcam", "seed": 1, "max_epochs": 2, "lr": 0.001, "batch_size": 4, "width": 8, "data_seed": 0}
 
 
@@ -69,7 +70,8 @@ def test_a_trial_carries_only_what_it_changes():
 
 def test_the_script_grows_by_tens_of_bytes_per_trial():
     trials = plan_trials({"lr": [0.001 * (i + 1) for i in range(1000)]})
-    command = piece_command(PARAMS, trials, plan_pieces(1000)[0], "reg/img@sha256:" + "a" * 64, "docker")
+    command = piece_command(PARAMS, trials, plan_pieces(1000)[0], "reg/img@sha256:" + "a" * 64, "docker",
+                            config_text=CONFIG)
     assert len(command) < 30 * 1000 + 5000, len(command)
 
 
@@ -84,7 +86,7 @@ def _run_piece(tmp_path: Path, trials, piece: Piece, task: int) -> subprocess.Co
     job_dir.mkdir(exist_ok=True)
     env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURMFLOW_JOB_DIR": str(job_dir),
            "SLURM_ARRAY_TASK_ID": str(task), "HOME": str(tmp_path)}
-    script = piece_command(PARAMS, trials, piece, None, "none")
+    script = piece_command(PARAMS, trials, piece, None, "none", config_text=CONFIG)
     return subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=30)
 
 
@@ -99,6 +101,8 @@ def test_each_array_task_runs_its_own_trial_in_its_own_directory(tmp_path):
     # the base arguments, then the trial's file: LightningCLI lets the later value win
     assert f"argv={' '.join(training_argv(PARAMS)[1:])} --args-file {TRIAL_ARGS_FILE}" in out.stdout
     assert not (tmp_path / "job" / "trial-3").exists()
+    # the experiment config travels with the job: each trial its own copy, byte for byte
+    assert (trial_dir / "experiment.yaml").read_text() == CONFIG
 
 
 def test_an_array_task_beyond_the_table_fails_clearly(tmp_path):
@@ -118,11 +122,12 @@ def test_the_table_is_data_for_the_shell(tmp_path):
     (tmp_path / "job").mkdir()
     env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURMFLOW_JOB_DIR": str(tmp_path / "job"),
            "SLURM_ARRAY_TASK_ID": "1", "HOME": str(tmp_path)}
-    out = subprocess.run(["bash", "-c", piece_command(params, trials, plan_pieces(2)[0], None, "none")],
+    out = subprocess.run(["bash", "-c", piece_command(params, trials, plan_pieces(2)[0], None, "none", config_text=CONFIG)],
                          env=env, capture_output=True, text=True, timeout=30, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == ["--model.hidden_sizes=[16, 16, 8]"]
     assert not list(tmp_path.rglob("pwned"))
+    assert (tmp_path / "job" / "trial-1" / "experiment.yaml").read_text() == CONFIG  # the config too
 
 
 def test_trials_are_laid_out_over_the_pieces_in_map_order():

@@ -8,16 +8,20 @@ Params, the pinned image and the site settings, and hands the result to
 from __future__ import annotations
 
 import json
+import posixpath
+import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from slurmflow.pipeline.experiments import STAGED_CONFIG, check_overrides, stage_config_lines
 from slurmflow.runtimes import container_command
 from slurmflow.secrets import JOB_SECRET_NAMES
 
-#: config file of each task inside the training image (docker/training.Dockerfile copies training/)
-CONFIGS = {"surrogate": "surrogate_mongo.yaml", "deepcam": "deepcam.yaml"}
-IMAGE_CONFIG_DIR = "/opt/hpctrain/configs"
+#: the reference config of each task, in training/configs/ (staged into the job directory)
+CONFIGS = {"surrogate": "surrogate_mongo", "deepcam": "deepcam"}
+#: where a continued job finds its parent's checkpoint, relative to its job directory
+INIT_CHECKPOINT = "init/parent.ckpt"
 #: training checkpoints and requeues on this signal, sent 60 s before the time limit
 PREEMPT_SIGNAL = "B:USR2@60"
 
@@ -51,20 +55,37 @@ class Site:
 IOU_TASKS = ("deepcam",)
 
 
+def config_name(params: Mapping[str, Any]) -> str:
+    """The experiment config the run trains: the ``config`` Param, else the task's reference config."""
+    return params.get("config") or CONFIGS[params["task"]]
+
+
 def check_training_params(params: Mapping[str, Any]) -> None:
     """Combinations of training Params their schemas cannot refuse one by one.
 
-    :raises ValueError: ``target_iou`` set for a task without an IoU.
+    :raises ValueError: ``target_iou`` set for a task without an IoU, or with a ``config`` (whose
+        own metric decides: use the override ``--run.target=``); an override of what a Param owns.
     """
+    check_overrides(params.get("overrides") or [])
     target, task = params.get("target_iou"), params.get("task")
+    if target is not None and params.get("config"):
+        raise ValueError(f"target_iou={target} belongs to the deepcam task; with config={params['config']!r} "
+                         f"set a target of its monitored metric with the override --run.target={target}")
     if target is not None and task not in IOU_TASKS:
         raise ValueError(f"target_iou={target} is a target of val/iou, which only the {', '.join(IOU_TASKS)} "
                          f"task reports; task {task!r} has none: leave target_iou empty")
 
 
-def training_argv(params: Mapping[str, Any]) -> list[str]:
-    """``python -m hpctrain fit`` with the task's config and the Params as CLI overrides.
+def training_argv(params: Mapping[str, Any], config: str = STAGED_CONFIG) -> list[str]:
+    """``python -m hpctrain fit`` with the experiment config and the Params as CLI overrides.
 
+    With a task's reference config, the task's Params apply (lr, batch size, width, data); with
+    a ``config`` of the user's, only ``seed`` and ``max_epochs`` do: the config's own values
+    hold. A continued run (``init_from``) starts from :data:`INIT_CHECKPOINT`; ``overrides``
+    come last, so they win.
+
+    :param config: the config file as the job sees it (default: the staged copy in its directory;
+        preflight passes the repository's file).
     :raises ValueError: see :func:`check_training_params`.
     """
     check_training_params(params)
@@ -73,12 +94,15 @@ def training_argv(params: Mapping[str, Any]) -> list[str]:
         # -P: the working directory is the job dir, and `python -m` would put it first on
         # sys.path, where its `tensorboard/` folder shadowed the package (Lightning then took
         # TensorBoard for installed and a resumed training failed at start).
-        "python", "-P", "-m", "hpctrain", "fit", "--config", f"{IMAGE_CONFIG_DIR}/{CONFIGS[task]}",
+        "python", "-P", "-m", "hpctrain", "fit", "--config", config,
         f"--seed_everything={int(params['seed'])}",
         f"--trainer.max_epochs={int(params['max_epochs'])}",
-        f"--model.lr={float(params['lr'])}",
-        f"--data.batch_size={int(params['batch_size'])}",
     ]
+    if params.get("init_from"):
+        argv += [f"--run.init_from={INIT_CHECKPOINT}", f"--run.init_mode={params.get('init_mode') or 'resume'}"]
+    if params.get("config"):
+        return argv + list(params.get("overrides") or [])
+    argv += [f"--model.lr={float(params['lr'])}", f"--data.batch_size={int(params['batch_size'])}"]
     width = int(params["width"])
     if task == "surrogate":
         mongo = {"database": "campaigns", "collection": params["data_collection"],
@@ -89,7 +113,7 @@ def training_argv(params: Mapping[str, Any]) -> list[str]:
         argv += [f"--model.width={width}", f"--data.seed={int(params['data_seed'])}"]
         if params.get("target_iou") is not None:
             argv.append(f"--run.target={float(params['target_iou'])}")
-    return argv
+    return argv + list(params.get("overrides") or [])
 
 
 #: Params that map one to one onto an sbatch option of the same name, when set.
@@ -185,14 +209,44 @@ def container_options(params: Mapping[str, Any], site: Site) -> dict[str, Any]:
     }
 
 
-def training_job(params: Mapping[str, Any], image: str, site: Site) -> dict[str, Any]:
+def init_checkpoint_lines(source: str) -> list[str]:
+    """Shell lines copying a parent's checkpoint to ``$SLURMFLOW_JOB_DIR/init/parent.ckpt``.
+
+    In the batch shell, before the container starts (the container sees only its job directory).
+    Copied once, through a temporary name: a requeued attempt finds the copy (and resumes from its
+    own ``checkpoints/last.ckpt`` anyway); the parent's file is only read.
+
+    :param source: the checkpoint on the cluster (quoted here).
+    """
+    src, dest = shlex.quote(source), f'"$SLURMFLOW_JOB_DIR/{INIT_CHECKPOINT}"'
+    return [
+        "# slurmflow: continue from a parent run: its checkpoint, copied so the parent's stays intact",
+        f"if [ ! -s {dest} ]; then",
+        f'  mkdir -p "$SLURMFLOW_JOB_DIR/{posixpath.dirname(INIT_CHECKPOINT)}" || exit 1',
+        f"  cp -- {src} {dest}.part && mv -f -- {dest}.part {dest} || {{",
+        f"    echo {shlex.quote(f'[slurmflow] cannot copy the parent checkpoint {source}')} >&2; exit 2; }}",
+        "fi",
+    ]
+
+
+def training_job(params: Mapping[str, Any], image: str, site: Site, config_text: str,
+                 parent_checkpoint: str | None = None) -> dict[str, Any]:
     """The full job: ``{"command", "sbatch_options", "runtime"}``.
 
     :param params: the run's validated Params (see :mod:`slurmflow.pipeline.params`).
     :param image: ``registry/repo@sha256:...`` from the image task.
     :param site: the cluster's settings.
+    :param config_text: the experiment config (:func:`config_name`), written into the job directory.
+    :param parent_checkpoint: with ``init_from``: the parent's checkpoint on the cluster.
+    :raises ValueError: ``init_from`` without a checkpoint; see also :func:`check_training_params`.
     """
+    if params.get("init_from") and not parent_checkpoint:
+        raise ValueError(f"init_from={params['init_from']} needs the parent's checkpoint on the cluster")
     runtime = params.get("container_runtime") or site.runtime
-    command = container_command(runtime, image, training_argv(params), workdir="$SLURMFLOW_JOB_DIR",
-                                **container_options(params, site))
+    run = container_command(runtime, image, training_argv(params), workdir="$SLURMFLOW_JOB_DIR",
+                            **container_options(params, site))
+    lines = stage_config_lines(config_text)
+    if params.get("init_from"):
+        lines += init_checkpoint_lines(str(parent_checkpoint))
+    command = "\n".join([*lines, run.rstrip("\n")]) + "\n"
     return {"command": command, "sbatch_options": sbatch_options(params, site), "runtime": runtime}

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from airflow.sdk import Param
 
+from slurmflow.pipeline.experiments import experiment_configs
+
 TASKS = ("surrogate", "deepcam")
 RUNTIMES = ("docker", "podman", "charliecloud", "apptainer", "singularity", "podman-hpc", "enroot", "none")
 NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
@@ -25,6 +27,14 @@ EXTRA_SBATCH = ("reservation", "mail_type", "mail_user", "begin", "nice", "licen
                 "cpus_per_gpu", "gres", "time_min", "exclude", "nodelist", "cpu_freq")
 #: what any value of ``sbatch_extra`` may contain at trigger time (no quotes, spaces or shell syntax)
 EXTRA_VALUE = r"^[A-Za-z0-9_.,:@%+=\[\]-]{1,256}$"
+#: one ``overrides`` item: ``--<key>=<value>``, a LightningCLI key (``seed_everything`` or a dotted
+#: key of a config section) and a value on one line. The value reaches the job as one argv word
+#: (quoted); the LightningCLI parser checks key and type at preflight.
+OVERRIDE = r"^--(seed_everything|(trainer|model|data|run)(\.[A-Za-z_][A-Za-z0-9_]*)+)=[^\n\r]{0,2000}$"
+#: ``init_from``: a model version, a model alias, or an MLflow run id (32 hex digits)
+_MODEL = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
+INIT_FROM = rf"^(models:/{_MODEL}/[1-9][0-9]{{0,9}}|models:/{_MODEL}@[A-Za-z_][A-Za-z0-9_-]{{0,254}}|[0-9a-f]{{32}})$"
+INIT_MODES = ("resume", "weights")
 
 
 #: The MongoDB query operators a user may type in a filter (data_query). Everything else with a
@@ -167,9 +177,35 @@ def target_params() -> dict[str, Param]:
     }
 
 
+def experiment_params() -> dict[str, Param]:
+    """Your own experiment config, free overrides, and continuing a previous experiment."""
+    configs = tuple(experiment_configs())
+    return {
+        "config": optional(enum=configs, section="Experiment",
+                           description="An experiment config of training/configs/ (the list is read from the "
+                                       "repository when the DAG is parsed); empty = the task's reference "
+                                       "config. With a config, its own values hold: of the fields above only "
+                                       "seed and max_epochs apply, change the rest with overrides."),
+        "overrides": Param([], type="array", maxItems=64, section="Experiment",
+                           items={"type": "string", "pattern": OVERRIDE},
+                           description="LightningCLI overrides, one per item, e.g. --model.lr=0.001, "
+                                       "--data.batch_size=32, --trainer.gradient_clip_val=1.0; applied last. "
+                                       "Keys and types are checked by hpctrain's parser at preflight."),
+        "init_from": optional(INIT_FROM, section="Experiment",
+                              description="Continue a previous experiment: models:/<name>/<version>, "
+                                          "models:/<name>@<alias> or an MLflow run id. The job starts from "
+                                          "that run's last checkpoint; empty = train from scratch."),
+        "init_mode": Param("resume", type="string", enum=list(INIT_MODES), section="Experiment",
+                           description="resume: weights, optimizer, scheduler and epoch from the checkpoint "
+                                       "(max_epochs counts all epochs, the parent's included, and must be "
+                                       "above them); weights: the weights only, a fresh optimizer from epoch 0."),
+    }
+
+
 def train_params() -> dict[str, Param]:
     """All Params of ``train_model``."""
-    return draft7({**model_params(), **hyperparameters(), **target_params(), **slurm_params()})
+    return draft7({**model_params(), **hyperparameters(), **target_params(), **experiment_params(),
+                   **slurm_params()})
 
 
 #: The JSON Schema dialect of every Param (see :func:`draft7`).

@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from slurmflow.pipeline.experiments import stage_config_lines
 from slurmflow.pipeline.jobs import training_argv
 from slurmflow.runtimes import container_command
 
@@ -113,9 +114,10 @@ def trial_args(params: Mapping[str, Any], trial: Mapping[str, Any]) -> list[str]
 
 
 def piece_command(params: Mapping[str, Any], trials: Sequence[Mapping[str, Any]], piece: Piece, image: str,
-                  runtime: str, **container_kwargs: Any) -> str:
+                  runtime: str, *, config_text: str, **container_kwargs: Any) -> str:
     """The command of one piece: its array task runs trial ``piece.offset + SLURM_ARRAY_TASK_ID``
-    in ``$SLURMFLOW_JOB_DIR/trial-<trial>``, with that trial's arguments.
+    in ``$SLURMFLOW_JOB_DIR/trial-<trial>``, with that trial's arguments and its own copy of the
+    experiment config (``config_text``, see :mod:`slurmflow.pipeline.experiments`).
 
     :param params: the run's Params (the base arguments every trial shares).
     :param trials: all trials of the sweep (:func:`plan_trials`).
@@ -138,6 +140,7 @@ def piece_command(params: Mapping[str, Any], trials: Sequence[Mapping[str, Any]]
         f'if [ ! -s "$HPCTRAIN_JOB_DIR/{TRIAL_ARGS_FILE}" ]; then',
         '  echo "no trial for array task $SLURM_ARRAY_TASK_ID" >&2; exit 2',
         "fi",
+        *stage_config_lines(config_text, "$HPCTRAIN_JOB_DIR"),
         run.rstrip("\n"),
     ]) + "\n"
 

@@ -25,6 +25,14 @@ from airflow.sdk.bases.decorator import task_decorator_factory
 from slurmflow.constants import XCOM_JOB_KEY
 from slurmflow.links import MlflowModelLink, MlflowRunLink
 from slurmflow.operators.slurm import SlurmSubmitJobOperator
+from slurmflow.pipeline.preparation import (
+    check_experiment,
+    find_parent,
+    lineage_tags,
+    model_name_of,
+    parent_checkpoint,
+    parent_of,
+)
 from slurmflow.retries import SERVICE_RETRIES
 from slurmflow.secrets import SecretRefs, gather
 
@@ -192,12 +200,17 @@ def preflight() -> str:
         check_training_params(params)
     except ValueError as exc:  # a combination of Params: bad input, no retry
         raise AirflowFailException(f"invalid Params: {exc}") from exc
+    task_class = check_experiment(params)
+    parent = find_parent(params, task_class) if params.get("init_from") else None
     hook = _slurm_hook(params)
     try:
         hook.get_connection(hook.slurm_conn_id)
     except Exception as exc:  # AirflowNotFoundException, whichever module raises it
         raise AirflowFailException(f"unknown cluster {cluster_of(params)!r}: a cluster is an SSH connection "
                                    "of that id (README, Several clusters)") from exc
+    if parent is not None:
+        kind, source = parent_checkpoint(parent, hook, cluster_of(params))
+        log.info("init_from %s: run %s, %s checkpoint %s", parent.reference, parent.run_id, kind, source)
     job_dir = f"{hook.job_root}/preflight/{uuid.uuid4().hex}"
     try:
         script = build_script(command="true", job_name="slurmflow-preflight", job_dir=job_dir,
@@ -231,16 +244,31 @@ def _stage_registry_auth(hook: Any) -> str:
 
 @task(task_id="job_spec")
 def job_spec(image: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The job's command and resources for this run's Params and pinned image.
+    """The job's command and resources for this run's Params and pinned image; the experiment
+    config travels in the command, and a continued run's parent checkpoint is located (and, from
+    an MLflow artifact, staged on the cluster). ``parent`` in the result records the lineage.
 
     :param overrides: Param values the DAG fixes (templated, e.g. the nightly data window).
     """
-    from slurmflow.pipeline.jobs import training_job
+    from slurmflow.pipeline.experiments import read_config
+    from slurmflow.pipeline.jobs import config_name, training_job
 
     params = {**get_current_context()["params"], **(overrides or {})}
     hook = _slurm_hook(params)
     _stage_registry_auth(hook)
-    return training_job(params, image, site_settings(hook.home, cluster_of(params)))
+    try:
+        text = read_config(config_name(params))
+    except ValueError as exc:
+        raise AirflowFailException(f"invalid config: {exc}") from exc
+    parent, source, kind = None, None, None
+    if params.get("init_from"):
+        parent = find_parent(params)
+        kind, source = parent_checkpoint(parent, hook, cluster_of(params), stage=True)
+    spec = training_job(params, image, site_settings(hook.home, cluster_of(params)), text, source)
+    if parent is not None:
+        spec["parent"] = {**parent.as_dict(), "mode": params.get("init_mode") or "resume", "source": kind,
+                          "checkpoint": source}
+    return spec
 
 
 @task(task_id="plan_trials")
@@ -260,7 +288,8 @@ def sweep_job_spec(image: str, trials: list[dict[str, Any]], overrides: dict[str
     """The sweep's array jobs ("pieces"): as few as the cluster's ``MaxArraySize`` allows (or the
     Variable ``slurmflow_max_array_size``, when smaller), each throttled to ``max_parallel``. The
     train task maps over them, one piece at a time, so the throttle holds across all of them."""
-    from slurmflow.pipeline.jobs import container_options, sbatch_options
+    from slurmflow.pipeline.experiments import read_config
+    from slurmflow.pipeline.jobs import config_name, container_options, sbatch_options
     from slurmflow.pipeline.sweep import piece_command, plan_pieces
 
     params = {**get_current_context()["params"], **(overrides or {})}
@@ -270,12 +299,17 @@ def sweep_job_spec(image: str, trials: list[dict[str, Any]], overrides: dict[str
     runtime = params.get("container_runtime") or site.runtime
     cap = _site_value(cluster_variables(cluster_of(params)), "max_array_size", "")
     max_array = min(hook.max_array_size(), int(cap) if cap else 1 << 31)
+    try:
+        config_text = read_config(config_name(params))
+    except ValueError as exc:
+        raise AirflowFailException(f"invalid config: {exc}") from exc
     pieces = plan_pieces(len(trials), max_array)
     if len(pieces) > 1:
         log.info("%d trials in %d array jobs of at most %d (MaxArraySize), run one after another",
                  len(trials), len(pieces), max_array)
     return [{
-        "command": piece_command(params, trials, piece, image, runtime, **container_options(params, site)),
+        "command": piece_command(params, trials, piece, image, runtime, config_text=config_text,
+                                 **container_options(params, site)),
         "sbatch_options": sbatch_options(params, site, array=piece.array(int(params["max_parallel"]))),
     } for piece in pieces]
 
@@ -292,6 +326,7 @@ def register(job: dict[str, Any], image: str) -> dict[str, Any]:
     params = context["params"]
     hook = _slurm_hook()
     code = code_tags(context["ti"].xcom_pull(task_ids="build_image", key="code_version"))
+    parent = parent_of(context)
     with tempfile.TemporaryDirectory(prefix="slurmflow-results-") as tmp:
         local = Path(tmp)
         manifest = collect(hook, job["job_dir"], local)
@@ -299,15 +334,16 @@ def register(job: dict[str, Any], image: str) -> dict[str, Any]:
         result = register_run(
             manifest, local, run_key=JobIdentity.from_dict(job["identity"]).run_key, job=job, image=image, sbatch_script=script,
             slurm=hook,
-            model_name=params.get("model_name") or f"slurmflow-{params['task']}",
+            model_name=model_name_of(params),
             gpus_per_node=int(params.get("gpus_per_node") or 0),
-            extra_tags={"airflow.dag_id": context["dag"].dag_id, "airflow.run_id": context["run_id"], **code},
+            extra_tags={"airflow.dag_id": context["dag"].dag_id, "airflow.run_id": context["run_id"], **code,
+                        **lineage_tags(parent)},
         )
     context["ti"].xcom_push(key=MlflowRunLink.url_key, value=result["run_url"])
     context["ti"].xcom_push(key=MlflowModelLink.url_key, value=result["model_url"])
     return {**result, "code": code, "data": manifest.get("data"), "slurm": manifest.get("slurm"),
             "data_spec": (manifest.get("hyperparameters") or {}).get("data"),
-            "monitor": manifest.get("monitor")}
+            "monitor": manifest.get("monitor"), "parent": parent}
 
 
 @mlflow_task(task_id="register", **SERVICE_RETRIES)
@@ -508,6 +544,9 @@ def catalog(train_task: str = "train", register_task: str = "register", image_ta
     promotion = ti.xcom_pull(task_ids="evaluate_and_promote")
     if promotion:
         common["promotion"] = promotion
+    parent = parent_of(context)
+    if parent:
+        common["parent"] = parent
     if job:
         catalog_record(hook, key, "submitted", job=job, image=image, extra=common)
     if job and job.get("state") == "COMPLETED":

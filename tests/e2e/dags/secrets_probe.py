@@ -35,7 +35,8 @@ PROBE = ('echo "probe container MONGO_URI=$MONGO_URI MLFLOW_TRACKING_PASSWORD=$M
 @task(task_id="job_spec")
 def probe_spec(image: str) -> dict[str, Any]:
     """The training job of train_model, its command wrapped in :data:`PROBE`, always under docker."""
-    from slurmflow.pipeline.jobs import container_options, sbatch_options, training_argv
+    from slurmflow.pipeline.experiments import read_config, stage_config_lines
+    from slurmflow.pipeline.jobs import config_name, container_options, sbatch_options, training_argv
     from slurmflow.runtimes import container_command
 
     params = get_current_context()["params"]
@@ -44,6 +45,7 @@ def probe_spec(image: str) -> dict[str, Any]:
     site = tasks.site_settings(hook.home)
     argv = ["sh", "-c", PROBE, "probe", *training_argv(params)]
     command = container_command("docker", image, argv, workdir="$SLURMFLOW_JOB_DIR", **container_options(params, site))
+    command = "\n".join([*stage_config_lines(read_config(config_name(params))), command])  # the config travels
     return {"command": command, "sbatch_options": sbatch_options(params, site)}
 
 

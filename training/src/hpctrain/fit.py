@@ -2,7 +2,8 @@
 
 1. Parse and type-check the config (LightningCLI); a complete ``result.json`` ends here (exit 0).
 2. Check the data source cheaply (file exists, columns present, query non-empty): exit 2.
-3. ``trainer.fit`` resuming from ``checkpoints/last.ckpt`` when a previous attempt left one.
+3. ``trainer.fit`` resuming from ``checkpoints/last.ckpt`` when a previous attempt left one;
+   else, for a continued job (``run.init_from``, :mod:`hpctrain.init`), from the parent's checkpoint.
 4. On the preemption signal: checkpoint, manifest ``status: preempted``, exit 75 (the launcher
    requeues the job: slurmflow's batch script runs ``scontrol requeue`` on the node).
 5. Export the best model, write ``result.json`` atomically, log artifacts to MLflow.
@@ -135,6 +136,7 @@ class FitJob:
                 "global_step": int(self.trainer.global_step),
                 "epochs_completed": int(self.trainer.current_epoch),
                 "resumed_from": self.job.relative(self.resumed_from),
+                "init_from": self.cli.init.summary(self.job) if self.cli.init is not None else None,
                 "restart_count": environment.restart_count(),
                 "attempt_seconds": round(time.monotonic() - self._t0, 3),
                 "last_checkpoint": self.job.relative(self.job.last_checkpoint)
@@ -184,6 +186,10 @@ class FitJob:
             log.info("resuming from %s", self.resumed_from)
             # A resumed job's checkpoint directory is not empty by design.
             warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+        elif self.cli.init_active and self.cli.init is not None and self.cli.init.mode == "resume":
+            # A continued job: model, optimizer, scheduler, loops and epoch from the parent's checkpoint.
+            self.resumed_from = str(self.cli.init.path)
+            log.info("continuing from %s at epoch %d", self.resumed_from, self.cli.init.epochs)
         self._start_tracking()
         self.trainer.fit(self.model, datamodule=self.datamodule, ckpt_path=self.resumed_from)
         if self.trainer.interrupted:

@@ -10,7 +10,11 @@ it this class:
 * derives ``devices``/``num_nodes`` from the ``srun`` step and uses Lightning's
   ``SLURMEnvironment`` with ``auto_requeue=False`` (the batch script requeues on exit 75, see
   :mod:`hpctrain.preemption`),
-* picks the MLflow target (server or offline store) and keeps one run across requeues.
+* picks the MLflow target (server or offline store) and keeps one run across requeues,
+* checks ``run.init_from`` (a parent run's checkpoint, :mod:`hpctrain.init`) before any compute.
+
+:func:`check_fit_args` parses and type-checks a command line without building anything: the
+orchestrator's preflight runs it on a config and its overrides.
 
 It runs with ``run=False``: :mod:`hpctrain.fit` drives ``trainer.fit`` itself, so that checks
 before compute, resume, export and the manifest happen in one place.
@@ -34,6 +38,7 @@ from hpctrain import environment, tracking
 from hpctrain.callbacks import AttemptLog, EpochHistory, ResumeStateCallback
 from hpctrain.data.base import HpcDataModule
 from hpctrain.errors import AlreadyComplete, ConfigError
+from hpctrain.init import InitCheckpoint, InitWeights, load_init_checkpoint, recorded_init_checkpoint
 from hpctrain.job import JOB_DIR_ENV, JobDir, resolve_job_dir
 from hpctrain.manifest import is_complete, load_manifest
 from hpctrain.options import RunOptions
@@ -68,7 +73,8 @@ class HpcTrainCLI(LightningCLI):
     :param args: command line arguments after ``fit`` (``None``: ``sys.argv[2:]``).
     """
 
-    def __init__(self, args: list[str] | None = None) -> None:
+    def __init__(self, args: list[str] | None = None, *, parse_only: bool = False) -> None:
+        self.parse_only = parse_only
         self.job: JobDir | None = None
         self.options: RunOptions | None = None
         self.latch: SignalLatch | None = None
@@ -78,6 +84,13 @@ class HpcTrainCLI(LightningCLI):
         self.preemption_callback: PreemptionCallback | None = None
         self.attempts: AttemptLog | None = None
         self.target_stop: TargetStop | None = None
+        #: the parent checkpoint of a continued job (``run.init_from``), and whether this attempt
+        #: starts from it (False on a requeue: the job's own last.ckpt wins)
+        self.init: InitCheckpoint | None = None
+        self.init_active = False
+        parser_kwargs: dict[str, Any] = {"prog": "hpctrain fit", "description": "Train an hpctrain task (Lightning)."}
+        if parse_only:
+            parser_kwargs["exit_on_error"] = False  # raise the parser's message instead of exiting
         super().__init__(
             model_class=TaskModule,
             datamodule_class=HpcDataModule,
@@ -87,7 +100,7 @@ class HpcTrainCLI(LightningCLI):
             trainer_defaults=TRAINER_DEFAULTS,
             seed_everything_default=42,
             auto_configure_optimizers=False,  # the task's --model.lr etc. are the only optimizer knobs
-            parser_kwargs={"prog": "hpctrain fit", "description": "Train an hpctrain task (Lightning)."},
+            parser_kwargs=parser_kwargs,
             args=args,
             run=False,
         )
@@ -104,6 +117,8 @@ class HpcTrainCLI(LightningCLI):
 
     # -- after parsing, before anything is built ----------------------------------------------
     def before_instantiate_classes(self) -> None:
+        if self.parse_only:
+            raise _Parsed(self.config)
         config = self.config
         run = config.run
         self.job = JobDir(resolve_job_dir(run.job_dir)).create()
@@ -159,7 +174,9 @@ class HpcTrainCLI(LightningCLI):
         if run.target is not None and monitor is None:
             raise ConfigError(f"run.target={run.target} needs a validated metric to reach, but nothing is validated")
         self.target_stop = TargetStop(monitor, mode, run.target)
+        init_callbacks = self._load_init(run, trainer_cfg)
         callbacks = list(self._get(self.config_init, "trainer.callbacks") or [])
+        callbacks += init_callbacks
         callbacks += [self.attempts, self.preemption_callback, ResumeStateCallback(), self.history,
                       self.target_stop, *self._mlperf_callbacks(run, monitor), self.checkpoint_callback]
         kwargs["callbacks"] = callbacks
@@ -176,6 +193,27 @@ class HpcTrainCLI(LightningCLI):
             plugins.append(SLURMEnvironment(auto_requeue=False))
             kwargs["plugins"] = plugins
         return super().instantiate_trainer(**kwargs)
+
+    def _load_init(self, run: RunOptions, trainer_cfg: Namespace) -> list[Any]:
+        """Check ``run.init_from``; the callback that loads weights only (``init_mode: weights``)."""
+        assert self.job is not None
+        if not run.init_from:
+            return []
+        requeued = self.job.last_checkpoint.exists()
+        if requeued:
+            # A requeued attempt of a continued job: its own checkpoint already holds the parent's
+            # state and what it trained since; the parent's is recorded, not used.
+            log.info("run.init_from=%s ignored: resuming this job's own %s", run.init_from, self.job.last_checkpoint)
+            self.init = recorded_init_checkpoint(self.job, run.init_from, run.init_mode)
+            return []
+        max_epochs = trainer_cfg.max_epochs
+        if max_epochs is None:  # Lightning's default: 1000 epochs unless max_steps bounds the run
+            max_epochs = 1000 if trainer_cfg.max_steps in (None, -1) else -1
+        self.init = load_init_checkpoint(self.job, run.init_from, run.init_mode, max_epochs)
+        self.init_active = True
+        log.info("continuing from %s (%s; the parent trained %d epoch(s))", self.init.path, run.init_mode,
+                 self.init.epochs)
+        return [InitWeights(self.init)] if run.init_mode == "weights" else []
 
     def _mlperf_callbacks(self, run: RunOptions, monitor: str | None) -> list[Any]:
         benchmark = getattr(self.model, "mlperf_benchmark", None)
@@ -225,3 +263,32 @@ class HpcTrainCLI(LightningCLI):
             tags["mlflow.source.git.commit"] = sha
         run_name = run.run_name or slurm.get("SLURM_JOB_ID")
         return tracking.make_logger(self.target, run.experiment, run_name, tags)
+
+
+class _Parsed(Exception):
+    """Raised by a parse-only :class:`HpcTrainCLI` once the arguments are parsed."""
+
+    def __init__(self, config: Namespace) -> None:
+        super().__init__("parsed")
+        self.config = config
+
+
+def check_fit_args(argv: list[str]) -> dict[str, Any]:
+    """Parse and type-check ``hpctrain fit`` arguments without building or training anything.
+
+    What the job's own parser would refuse (an unknown key, a wrong type, a class path that does
+    not import, a config file that is not YAML) raises here with the parser's message.
+
+    :param argv: the arguments after ``fit``, e.g. ``["--config", "ecg.yaml", "--model.lr=0.1"]``.
+    :return: the parsed config as plain types (``model.class_path`` etc.).
+    :raises ConfigError: the arguments do not parse.
+    """
+    try:
+        HpcTrainCLI(args=argv, parse_only=True)
+    except _Parsed as done:
+        return done.config.as_dict()
+    except SystemExit as exc:  # jsonargparse may still exit (e.g. --help)
+        raise ConfigError(f"the arguments do not parse (exit {exc.code})") from exc
+    except Exception as exc:
+        raise ConfigError(str(exc).strip()) from exc
+    raise ConfigError("the arguments were not parsed")  # pragma: no cover

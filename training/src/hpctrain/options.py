@@ -34,6 +34,12 @@ class RunOptions:
     :param tensorboard: also write TensorBoard event files into ``<job_dir>/tensorboard/``.
     :param mlperf: write MLPerf HPC ``:::MLLOG`` lines (``<job_dir>/mlperf.log`` and stdout) for
         a task that names an MLPerf benchmark (``deepcam``); never in smoke runs.
+    :param init_from: a checkpoint of an earlier run to start from (relative paths resolve against
+        the job directory): continue a previous experiment. Used only when the job has no
+        ``checkpoints/last.ckpt`` of its own: a requeued attempt resumes from its own checkpoint.
+    :param init_mode: ``resume``: model, optimizer, scheduler, loop counters and epoch come from
+        ``init_from`` (``trainer.max_epochs`` counts all epochs, the parent's included, and must be
+        above them); ``weights``: only the model's weights, with a fresh optimizer at epoch 0.
     """
 
     job_dir: str | None = None
@@ -53,3 +59,5 @@ class RunOptions:
     target: float | None = None
     tensorboard: bool = True
     mlperf: bool = True
+    init_from: str | None = None
+    init_mode: Literal["resume", "weights"] = "resume"
