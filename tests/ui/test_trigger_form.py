@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from slurmflow.pipeline.params import SLURM_BIND, SLURM_NAME
+from slurmflow.pipeline.params import INIT_FROM, SLURM_BIND, SLURM_NAME
 from tests.ui.airflow_ui import wait_for
 from tests.ui.conftest import save_page
 
@@ -72,6 +72,7 @@ def test_an_emptied_required_field_disables_trigger_with_the_reason(ui, api):
 @pytest.mark.parametrize("param, value, pattern", [
     ("partition", "debug; touch /tmp/pwned", SLURM_NAME),
     ("cpu_bind", "cores $(reboot)", SLURM_BIND),  # a resource shape of the DeepCam seed
+    ("init_from", "models:/mine/latest`id`", INIT_FROM),  # continue a previous experiment
 ])
 def test_a_value_the_schema_refuses_shows_the_reason_in_the_form_and_creates_no_run(ui, api, param, value, pattern):
     api.wait_for_dag("train_model")
