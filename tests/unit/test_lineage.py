@@ -234,3 +234,13 @@ def test_init_from_without_a_checkpoint_is_refused():
         training_job(params(init_from=RUN_ID), None, Site(partition="d", account="", runtime="none"), "a: 1\n")
     argv = training_argv(params(init_from=RUN_ID))
     assert f"--run.init_from={INIT_CHECKPOINT}" in argv and "--run.init_mode=resume" in argv
+
+
+def test_a_config_naming_a_re_exported_task_class_is_the_class_the_training_records():
+    """configs/surrogate.yaml says hpctrain.tasks.SurrogateRegressor; the training tags the run
+    with where the class is defined: both name one class (found by the continuation e2e)."""
+    from slurmflow.pipeline.preparation import canonical_class
+
+    assert canonical_class("hpctrain.tasks.SurrogateRegressor") == "hpctrain.tasks.surrogate.SurrogateRegressor"
+    assert canonical_class("hpctrain.tasks.surrogate.SurrogateRegressor") == "hpctrain.tasks.surrogate.SurrogateRegressor"
+    assert canonical_class("nowhere.Thing") == "nowhere.Thing"

@@ -37,7 +37,22 @@ def check_experiment(params: Mapping[str, Any]) -> str | None:
         raise AirflowFailException(f"config {name!r} with overrides {list(params.get('overrides') or [])} is "
                                    f"refused by hpctrain's parser: {exc}") from exc
     model = parsed.get("model")
-    return model.get("class_path") if isinstance(model, dict) else None
+    return canonical_class(model.get("class_path")) if isinstance(model, dict) else None
+
+
+def canonical_class(class_path: str | None) -> str | None:
+    """``module.Class`` where the class is defined, as the training records it (``hpctrain.task``):
+    a config may name it through a package that re-exports it (``hpctrain.tasks.SurrogateRegressor``)."""
+    if not class_path or "." not in class_path:
+        return class_path
+    import importlib
+
+    module, name = class_path.rsplit(".", 1)
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return class_path  # the parser accepted it; leave the comparison to the names
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def find_parent(params: Mapping[str, Any], task_class: str | None = None) -> Parent:
