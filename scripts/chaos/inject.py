@@ -63,6 +63,14 @@ def processes_named(name: str) -> list[int]:
     return found
 
 
+def same_network_namespace(pid: int) -> bool:
+    """The process shares this one's network namespace (runs on local1, not on local2)."""
+    try:
+        return os.readlink(f"/proc/{pid}/ns/net") == os.readlink("/proc/self/ns/net")
+    except OSError:
+        return False
+
+
 #: What the remote submission runs as (``slurmflow.commands.submit_once``): squeue, then sbatch.
 SUBMIT_MARK = b"slurmflow-submit"
 
@@ -193,7 +201,8 @@ class Injection:
             self.injected_at = self.clock()
             sup.stopProcess(self.fault.target)  # first, so that it cannot report the steps' deaths
             self._stopped = True
-            steps = processes_named("slurmstepd")
+            # local1's steps only: local2's slurmstepd live in its network namespace (localstack/nodes.py)
+            steps = [pid for pid in processes_named("slurmstepd") if same_network_namespace(pid)]
             victims = [v for step in steps for v in (step, *descendants(step))]
             kill_pids(victims)
             containers = job_containers()

@@ -156,8 +156,9 @@ FAULTS: dict[str, Fault] = {f.name: f for f in (
     Fault("kill-slurmd", "node_fail", "slurmd", ("running",),
           "The compute node crashes (slurmd, the job's steps and its container killed) and stays "
           "down past SlurmdTimeout: Slurm marks the job NODE_FAIL and requeues it (JobRequeue=1); "
-          "when the node is back the same job id resumes from its last checkpoint, the trigger "
-          "follows it: one job, at most one checkpoint interval of steps trained again.",
+          "the same job id resumes from its last checkpoint on a node that is up (local2, or local1 "
+          "once it is back), the trigger follows it: one job, at most one checkpoint interval of "
+          "steps trained again.",
           outage=(75.0, 90.0)),
     Fault("preempt", "preempt", "", ("running",),
           "An urgent job preempts the spot training 1-3 times: the training checkpoints on the "
