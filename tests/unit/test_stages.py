@@ -174,3 +174,71 @@ def test_inputs_are_copied_into_the_job(tmp_path):
                 inputs={"prepare": str(upstream)})
     assert _run(d, s).wait(timeout=30) == 0
     assert (Path(cache.entry("prepare", KEY)) / "copy").read_text() == "in"
+
+
+# --- the stage jobs and the operator's "cached -> no job" -----------------------------------
+
+PARAMS = {"rows": 64, "holdout_rows": 16, "data_seed": 0, "noise": 0.0, "lr": 0.003, "max_epochs": 1,
+          "batch_size": 32, "width": 8, "seed": 42, "eval_batch_size": 64, "nodes": 1, "ntasks_per_node": 1,
+          "cpus_per_task": 1, "mem": "1G", "time_limit": "00:10:00", "gpus_per_node": 0, "gpus": 0}
+
+
+def test_stage_jobs_declare_params_inputs_outputs():
+    from slurmflow.pipeline.jobs import Site
+    from slurmflow.pipeline.stage_jobs import stage_argv, stage_job, stage_params
+
+    assert stage_params("train", PARAMS) == {"lr": 0.003, "max_epochs": 1, "batch_size": 32, "width": 8, "seed": 42}
+    assert stage_argv("prepare", PARAMS)[4:6] == ["prepare", "out"]
+    assert "--data.path=in/prepare/train.parquet" in stage_argv("train", PARAMS)
+    assert stage_argv("evaluate", PARAMS)[-1] == "out/metrics.json"
+    site = Site(partition="debug", account="acct", runtime="docker")
+    cache = StageCache("/shared/cache", group="cu_0003")
+    record = stage_record("evaluate", KEY, CODE, {"eval_batch_size": 64}, {}, {})
+    job = stage_job("evaluate", PARAMS, "reg/img@sha256:" + "0" * 64, site, cache, KEY, record,
+                    {"prepare": "/shared/cache/prepare/" + "b" * 64, "train": "/shared/cache/train/" + "c" * 64})
+    assert "flock 9" in job["command"] and "hpctrain evaluate" in job["command"]
+    assert f"cp -R -- /shared/cache/train/{'c' * 64}/." in job["command"]
+    assert "chgrp -R -- cu_0003" in job["command"] and job["sbatch_options"]["partition"] == "debug"
+    with pytest.raises(ValueError, match="takes the outputs"):
+        stage_job("evaluate", PARAMS, "img", site, cache, KEY, record, {"prepare": "/x"})
+
+
+class _Result:
+    def __init__(self, code: int, out: str) -> None:
+        self.exit_code, self.stdout, self.stderr = code, out, ""
+
+
+class _Hook:
+    def __init__(self, found: str | None) -> None:
+        self.found, self.commands = found, []
+
+    def run(self, command):
+        self.commands.append(command)
+        return _Result(0, self.found) if self.found else _Result(1, "")
+
+
+def _operator(hook):
+    from slurmflow.pipeline.stage_tasks import StageJobOperator
+
+    op = StageJobOperator(task_id="prepare", command="true", stage_spec={
+        "stage": "prepare", "key": KEY, "entry": f"/c/prepare/{KEY}",
+        "check": cache_check_command(StageCache("/c"), "prepare", KEY)})
+    op.__dict__["hook"] = hook  # the cached_property, without SSH
+    return op
+
+
+def test_a_cached_stage_submits_no_job(monkeypatch):
+    from slurmflow.pipeline.tasks import TrainingJobOperator
+
+    monkeypatch.setattr(TrainingJobOperator, "execute", lambda self, context: pytest.fail("submitted a job"))
+    hook = _Hook(json.dumps({"outputs_hash": "h" * 64, "created_by": {"run_id": "r1"}}))
+    result = _operator(hook).execute({})
+    assert result["cached"] is True and result["outputs_hash"] == "h" * 64 and result["key"] == KEY
+    assert hook.commands == [f"test -f /c/prepare/{KEY}/stage.json && cat -- /c/prepare/{KEY}/stage.json"]
+
+
+def test_an_uncached_stage_submits(monkeypatch):
+    from slurmflow.pipeline.tasks import TrainingJobOperator
+
+    monkeypatch.setattr(TrainingJobOperator, "execute", lambda self, context: {"job_id": "7", "state": "COMPLETED"})
+    assert _operator(_Hook(None)).execute({}) == {"job_id": "7", "state": "COMPLETED"}
