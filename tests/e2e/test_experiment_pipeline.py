@@ -30,9 +30,11 @@ def _specs(api, run_id: str) -> dict[str, dict]:
 
 
 def _sacct_jobs(cluster, run_id: str, stage: str) -> list[str]:
-    """The Slurm jobs of one stage task of one run (the job name carries the task's key)."""
-    out = cluster(f"sacct -X -n -P -S now-1days -o JobID,JobName%200 | grep -F -- {run_id!r} || true")
-    return [line.split("|")[0] for line in out.splitlines() if f"{stage}" in line.split("|")[1]]
+    """The Slurm jobs of one stage task of one run, by the job name its identity gives it."""
+    from slurmflow.identity import JobKey
+
+    name = JobKey(DAG, run_id, stage).job_name(0)
+    return cluster(f"sacct -X -n -P -S now-1days --name={name} -o JobID").split()
 
 
 def test_second_run_submits_no_job_and_both_are_recorded(run_dag, api, cluster, mlflow_client, catalog_db):
