@@ -11,7 +11,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 DAG_FILES = sorted(p for p in (REPO / "dags").glob("*.py") if not p.name.startswith("_"))
-EXPECTED = {"train_model", "nightly_retrain", "hparam_sweep"}
+EXPECTED = {"train_model", "nightly_retrain", "hparam_sweep", "experiment_pipeline"}
 # Modules that must never be imported while parsing a DAG file: each costs seconds and the
 # dag-processor re-parses every file every refresh interval.
 HEAVY = ("torch", "lightning", "mlflow", "pymongo", "docker", "paramiko", "asyncssh", "pandas", "hpctrain")
@@ -74,7 +74,7 @@ def test_parse_is_light(path):
     assert slow == [], f"{path.name} imports {slow} at parse time: import them where they are used"
 
 
-@pytest.mark.parametrize("dag_id", ["train_model", "nightly_retrain", "hparam_sweep"])
+@pytest.mark.parametrize("dag_id", ["train_model", "nightly_retrain", "hparam_sweep", "experiment_pipeline"])
 def test_trigger_form_defaults_are_valid_and_optional_means_null(dagbag, dag_id):
     """The Trigger form marks a field required unless its type admits null; an empty-string
     default with an "or empty" pattern therefore rendered in error (issue 9). Every default
@@ -121,9 +121,9 @@ def test_tasks_that_call_a_service_ride_out_its_restart(dagbag):
     from slurmflow.retries import SERVICE_RETRIES
 
     want = (SERVICE_RETRIES["retries"], SERVICE_RETRIES["retry_delay"], True, SERVICE_RETRIES["max_retry_delay"])
-    service_tasks = {"build_image", "register", "evaluate_and_promote", "catalog", "catalog_sweep"}
+    service_tasks = {"build_image", "register", "evaluate_and_promote", "catalog", "catalog_sweep", "report"}
     checked = set()
-    for dag_id in ("train_model", "nightly_retrain", "hparam_sweep"):
+    for dag_id in ("train_model", "nightly_retrain", "hparam_sweep", "experiment_pipeline"):
         for task in dagbag.dags[dag_id].tasks:
             if task.task_id in service_tasks:
                 checked.add(task.task_id)
@@ -132,7 +132,7 @@ def test_tasks_that_call_a_service_ride_out_its_restart(dagbag):
     assert checked == service_tasks
 
 
-@pytest.mark.parametrize("dag_id", ["train_model", "nightly_retrain", "hparam_sweep"])
+@pytest.mark.parametrize("dag_id", ["train_model", "nightly_retrain", "hparam_sweep", "experiment_pipeline"])
 def test_every_param_is_a_valid_draft7_schema(dagbag, dag_id):
     """Parse-time validation checks each schema against its dialect's metaschema: draft 7 is the
     cheap one (slurmflow.pipeline.params.draft7); a Param added without it slows every parse."""
@@ -143,3 +143,22 @@ def test_every_param_is_a_valid_draft7_schema(dagbag, dag_id):
     for name, param in dagbag.dags[dag_id].params.items():
         assert param.schema.get("$schema") == DRAFT_7, f"{dag_id}.{name}: wrap the DAG's Params in draft7()"
         jsonschema.Draft7Validator.check_schema(param.schema)
+
+
+def test_experiment_pipeline_stages(dagbag):
+    """prepare -> train -> evaluate, each a Slurm job after its spec (key, cache entry); then the
+    report and the catalog. Every stage's params are Params of the form."""
+    from slurmflow.pipeline.stage_jobs import STAGE_PARAMS
+    from slurmflow.pipeline.stage_tasks import StageJobOperator
+
+    dag = dagbag.dags["experiment_pipeline"]
+    stages = ["prepare", "train", "evaluate"]
+    for stage in stages:
+        assert isinstance(dag.get_task(stage), StageJobOperator)
+        assert dag.get_task(stage).upstream_task_ids == {f"{stage}_spec"}
+        assert set(STAGE_PARAMS[stage]) <= set(dag.params)
+    assert dag.get_task("train_spec").upstream_task_ids == {"prepare", "build_image"}
+    assert dag.get_task("evaluate_spec").upstream_task_ids == {"train", "build_image"}
+    assert dag.get_task("report").upstream_task_ids == {"evaluate", "build_image"}
+    assert dag.get_task("catalog").upstream_task_ids == {"report"}
+    assert dag.timetable.can_be_scheduled  # a schedule: backfills work, and manual triggers

@@ -16,6 +16,8 @@ from airflow.providers.mongo.hooks.mongo import MongoHook
 
 RUNS = "runs"
 SWEEPS = "sweeps"
+#: one document per staged-pipeline run (experiment_pipeline): stage keys, dataset key, report
+PIPELINES = "pipelines"
 
 
 def _now() -> dt.datetime:
@@ -43,6 +45,8 @@ class RunCatalogHook:
         db = self.hook.get_conn()[name]
         db[RUNS].create_index("run_key", unique=True)
         db[SWEEPS].create_index("sweep_key", unique=True)
+        db[PIPELINES].create_index("run_key", unique=True)
+        db[PIPELINES].create_index("dataset_key")
         return db
 
     def record_run(self, run_key: str, state: str, fields: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -85,6 +89,30 @@ class RunCatalogHook:
             upsert=True,
         )
         return self.db[SWEEPS].find_one({"sweep_key": sweep_key})
+
+    def record_pipeline(self, run_key: str, fields: dict[str, Any]) -> dict[str, Any]:
+        """Create or update the document of one ``experiment_pipeline`` run (upsert on its key).
+
+        :param run_key: ``<dag_id>/<run_id>/pipeline``.
+        :param fields: ``stages`` (per stage: key, params, inputs' hashes, cached, job id),
+            ``dataset_key`` (the prepare stage's key), ``dataset_hash``, ``report``, ``state``.
+        """
+        now = _now()
+        self.db[PIPELINES].update_one(
+            {"run_key": run_key},
+            {"$set": {**fields, "updated_at": now}, "$setOnInsert": {"run_key": run_key, "created_at": now}},
+            upsert=True,
+        )
+        return self.db[PIPELINES].find_one({"run_key": run_key})
+
+    def runs_using_dataset(self, dataset_key: str) -> list[dict[str, Any]]:
+        """Which pipeline runs used this dataset: the prepare stage's key (a cached prepare counts:
+        the run used the entry someone else computed), oldest first.
+
+        :param dataset_key: the ``prepare`` stage's key (MLflow param ``prepare.key``).
+        """
+        docs = self.db[PIPELINES].find({"dataset_key": dataset_key}, {"_id": 0})
+        return sorted(docs, key=lambda d: d.get("created_at") or _now())
 
     def get_run(self, run_key: str) -> dict[str, Any] | None:
         return self.db[RUNS].find_one({"run_key": run_key}, {"_id": 0})

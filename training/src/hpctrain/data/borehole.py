@@ -70,3 +70,36 @@ def main(argv: list[str] | None = None) -> int:
         table.to_parquet(args.output, index=False)
     print(f"wrote {len(table)} rows to {args.output}")
     return 0
+
+
+#: the held-out table is drawn with this offset on the seed: never the training rows
+HOLDOUT_SEED_OFFSET = 1_000_003
+
+
+def prepare_main(argv: list[str] | None = None) -> int:
+    """``hpctrain prepare OUT_DIR``: a data set as a pipeline stage writes it.
+
+    ``train.parquet`` (``--rows``) and ``holdout.parquet`` (``--holdout-rows``, drawn with another
+    seed) plus ``dataset.json`` (what made them). Same arguments, same bytes: the stage's outputs
+    hash by content (slurmflow's ``experiment_pipeline``, README "Staged pipelines").
+    """
+    import json
+
+    parser = argparse.ArgumentParser(prog="hpctrain prepare", description=prepare_main.__doc__.splitlines()[0])
+    parser.add_argument("output", type=Path, help="directory to write into")
+    parser.add_argument("--rows", type=int, default=4096)
+    parser.add_argument("--holdout-rows", type=int, default=1024)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--noise", type=float, default=0.0)
+    args = parser.parse_args(argv)
+    if args.rows < 1 or args.holdout_rows < 1:
+        parser.error("--rows and --holdout-rows must be positive")
+    args.output.mkdir(parents=True, exist_ok=True)
+    make_table(args.rows, args.seed, args.noise).to_parquet(args.output / "train.parquet", index=False)
+    holdout = make_table(args.holdout_rows, args.seed + HOLDOUT_SEED_OFFSET, args.noise)
+    holdout.to_parquet(args.output / "holdout.parquet", index=False)
+    (args.output / "dataset.json").write_text(json.dumps({
+        "generator": "borehole", "rows": args.rows, "holdout_rows": args.holdout_rows, "seed": args.seed,
+        "noise": args.noise, "features": FEATURES, "targets": [TARGET]}, indent=2, sort_keys=True) + "\n")
+    print(f"wrote {args.rows} training and {args.holdout_rows} held-out rows to {args.output}")
+    return 0
