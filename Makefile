@@ -18,8 +18,9 @@ EXECUTOR ?= local
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
-deps: venv  ## install Debian packages and the Python environment
+deps: venv  ## install Debian packages, podman-hpc and the Python environment
 	@scripts/install_system.sh
+	@scripts/install_podman_hpc.sh
 
 # The venv is rebuilt when a requirements file changes; uv + find-links takes the local CPU torch wheel.
 # --compile-bytecode: uv leaves no .pyc behind, and where PYTHONDONTWRITEBYTECODE is set (CI, some

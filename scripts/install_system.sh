@@ -7,6 +7,8 @@ PKGS=(
   openssh-server                              # the login node
   docker.io docker-registry apache2-utils     # image build + registry (htpasswd from apache2-utils)
   podman charliecloud-runtime charliecloud-builders  # unprivileged container runtimes in jobs
+  fuse-overlayfs fuse3 squashfuse squashfs-tools inotify-tools  # podman-hpc (scripts/install_podman_hpc.sh)
+  gcc make libc6-dev zlib1g-dev liblz4-dev dpkg-dev  # ... and its static mksquashfs, built from source
   debootstrap                                 # a local base image: no image hub is reachable
   supervisor                                  # the process supervisor of the stack
   postgresql                                  # Airflow + MLflow metadata

@@ -9,7 +9,9 @@ accepts, so the digest names the content exactly):
 
 * docker, podman: the engine's own image store; ``image inspect``/``image exists`` first, pull only
   when the digest is missing (podman under a ``flock`` so concurrent array tasks pull once).
-* charliecloud, apptainer/singularity, enroot/pyxis, podman-hpc: the converted image lives in
+* podman-hpc: pulled, then migrated by podman-hpc itself to a squashfs in ``<cache_dir>/podman-hpc``
+  (its squash dir, shared by the nodes), under one ``flock``; present once it is listed there.
+* charliecloud, apptainer/singularity, enroot/pyxis: the converted image lives in
   ``<cache_dir>/<runtime>/sha256-<hex>`` (a directory, ``.sif`` or ``.sqsh``). The conversion runs
   under ``flock`` on a ``.lock`` file beside it, into a temporary name that is renamed into place
   only when complete, so an interrupted pull never leaves a half image that later jobs would trust.
@@ -509,11 +511,9 @@ def _render_docker(spec: ContainerSpec) -> list[str]:
     return [*lines, _run_line(spec, words)]
 
 
-def _render_podman(spec: ContainerSpec, *, hpc: bool = False) -> list[str]:
-    ref = spec.pinned_image()
-    name = "podman-hpc" if hpc else "podman"
-    lines = _prologue(name, spec, ref, cache=True, load_env=False)
-    pull = [name, "pull", "-q"]
+def _registry_pull(spec: ContainerSpec, binary: Sequence[str]) -> str:
+    """``podman[-hpc] pull`` of ``$sf_image`` with exactly the staged credentials (if any)."""
+    pull = [*binary, "pull", "-q"]
     if spec.insecure_registry:
         pull.append("--tls-verify=false")
     if spec.auth_dir:
@@ -525,31 +525,76 @@ def _render_podman(spec: ContainerSpec, *, hpc: bool = False) -> list[str]:
             "--authfile",
             _auth_path(spec, DOCKER_CONFIG_FILE),
         ]
+    return _join(pull) + ' "$sf_image"'
+
+
+def _podman_user_flags() -> list[str]:
+    # keep-id + --user: the job's uid inside too (the image's USER would win otherwise), so
+    # files written to bind mounts belong to the job's user. No --ipc host (it needs the
+    # host's /dev/mqueue, absent in some sandboxes): a larger /dev/shm instead, since the
+    # 64 MB default kills DataLoader workers.
+    return [
+        "--network",
+        "host",
+        "--userns",
+        "keep-id",
+        "--user",
+        Raw('"$(id -u):$(id -g)"'),
+        "--shm-size",
+        "1g",
+    ]
+
+
+def _render_podman(spec: ContainerSpec) -> list[str]:
+    ref = spec.pinned_image()
+    lines = _prologue("podman", spec, ref, cache=True, load_env=False)
     lines += _engine_pull(
-        spec, f'{name} image exists "$sf_image"', _join(pull) + ' "$sf_image"', lock_kind=name, ref=ref
+        spec, 'podman image exists "$sf_image"', _registry_pull(spec, ["podman"]), lock_kind="podman", ref=ref
     )
-    words = [name, "run", "--rm"]
-    if hpc:
-        # podman-hpc brings the site's user namespace, network and GPU hooks itself.
-        if spec.gpus:
-            words.append("--gpu")
-    else:
-        # keep-id + --user: the job's uid inside too (the image's USER would win otherwise), so
-        # files written to bind mounts belong to the job's user. No --ipc host (it needs the
-        # host's /dev/mqueue, absent in some sandboxes): a larger /dev/shm instead, since the
-        # 64 MB default kills DataLoader workers.
-        words += [
-            "--network",
-            "host",
-            "--userns",
-            "keep-id",
-            "--user",
-            Raw('"$(id -u):$(id -g)"'),
-            "--shm-size",
-            "1g",
-        ]
-        if spec.gpus:
-            words += ["--device", "nvidia.com/gpu=all"]
+    words = ["podman", "run", "--rm", *_podman_user_flags()]
+    if spec.gpus:
+        words += ["--device", "nvidia.com/gpu=all"]
+    if "HOME" not in spec.env:
+        words += ["-e", "HOME=/tmp"]
+    words += _engine_run_flags(spec) + _command_tail(spec, '"$sf_image"')
+    return [*lines, _run_line(spec, words)]
+
+
+def _render_podman_hpc(spec: ContainerSpec) -> list[str]:
+    """podman-hpc (NERSC): ``pull`` fetches into the node-local store and *migrates* the image to
+    a squashfs in the squash dir (``<cache_dir>/podman-hpc``, on the shared file system), which
+    ``run`` mounts on every node. The digest counts as present only once it is in the squash dir
+    (``images`` lists that store read-only; ``image exists`` does not look there), and podman-hpc's
+    pull exits 0 even when the migration failed, so the fragment checks again after it. One lock
+    for the whole squash dir: podman-hpc rewrites its image list without a lock of its own.
+    """
+    ref = spec.pinned_image()
+    lines = _prologue("podman-hpc", spec, ref, cache=True, load_env=False)
+    hpc = ["podman-hpc", "--squash-dir", Raw('"$sf_sqdir"')]
+    lines += [
+        'sf_sqdir="$sf_cache/podman-hpc"',
+        "sf_migrated() {  # the digest is in the squash dir",
+        f"  {_join([*hpc, 'images', '--no-trunc', '--filter', 'readonly=true', '--format'])} "
+        + "'{{.Repository}}@{{.Digest}}' 2>/dev/null | grep -qxF \"$sf_image\"",
+        "}",
+        "if ! sf_migrated; then",
+        '  mkdir -p "$sf_sqdir" || exit 1',
+        "  (",
+        f"    flock -w {int(spec.lock_timeout)} 9 || "
+        '{ echo "slurmflow: timed out waiting for the image lock" >&2; exit 1; }',
+        "    sf_migrated && exit 0  # another job migrated it while we waited",
+        '    echo "slurmflow: pulling $sf_image and migrating it to $sf_sqdir (once per digest)" >&2',
+        f"    {_registry_pull(spec, hpc)} >/dev/null || exit 1",
+        '    sf_migrated || { echo "slurmflow: podman-hpc did not migrate $sf_image to $sf_sqdir" >&2; exit 1; }',
+        "    # the node-local copy is not needed: every job runs the squashed image",
+        f'    {_join(hpc)} rmi "$sf_image" >/dev/null 2>&1 || true',
+        '  ) 9>"$sf_sqdir/.slurmflow.lock" || exit 1',
+        "fi",
+    ]
+    # podman-hpc brings the site's GPU hooks (--gpu); the rest as for podman.
+    words = [*hpc, "run", "--rm", *_podman_user_flags()]
+    if spec.gpus:
+        words.append("--gpu")
     if "HOME" not in spec.env:
         words += ["-e", "HOME=/tmp"]
     words += _engine_run_flags(spec) + _command_tail(spec, '"$sf_image"')
@@ -692,7 +737,7 @@ def _render_none(spec: ContainerSpec) -> list[str]:
 _RENDERERS = {
     "docker": _render_docker,
     "podman": _render_podman,
-    "podman-hpc": lambda spec: _render_podman(spec, hpc=True),
+    "podman-hpc": _render_podman_hpc,
     "charliecloud": _render_charliecloud,
     "apptainer": _render_apptainer,
     "singularity": lambda spec: _render_apptainer(spec, binary="singularity"),

@@ -6,7 +6,9 @@ then the ``container_command`` fragment. Registry credentials reach the job only
 mode-600 files of ``auth_dir``. For each runtime the first job pulls the digest, the second
 does not. The image is built from a snapshot of the inputs and published under a repository of
 this session's own, so concurrent test sessions on the same daemon and registry cannot pull or
-remove it behind our back. charliecloud, apptainer, podman-hpc and enroot are covered by golden files and by
+remove it behind our back. podman-hpc (NERSC's, from PyPI over the installed podman:
+scripts/install_podman_hpc.sh) runs for real too: pull, migrate to its squash dir once, run.
+charliecloud, apptainer and enroot are covered by golden files and by
 tests/unit/test_runtimes_exec.py (ch-image cannot pull from the local plain-HTTP registry;
 the others are not installable here).
 """
@@ -277,3 +279,52 @@ def test_job_without_credentials_cannot_pull(cluster: Cluster, image: str, stack
         assert "unauthorized" in out.lower() or "authentication required" in out.lower(), out
     finally:
         cluster.run(f"rm -rf {shlex.quote(empty)}", check=False)
+
+
+def test_podman_hpc_job_pulls_migrates_once_and_trains(
+    cluster: Cluster, image: str, auth_dir: str, stack_env: dict
+) -> None:
+    """NERSC's podman-hpc, as in the seed's robot-account flow: the pull reads the staged mode-600
+    auth file, podman-hpc migrates the image to a squashfs in the squash dir once, every job runs
+    the squashed image; a job without the credentials cannot pull."""
+    proc = cluster.run("command -v podman-hpc && podman-hpc infohpc", check=False)
+    assert proc.returncode == 0, f"podman-hpc is not installed on the cluster (make deps): {proc.stderr}"
+    home = f"{stack_env['STACK_DIR']}/home/{stack_env['SSH_USER']}"
+    cache = f"{home}/.cache/slurmflow-itest-{uuid.uuid4().hex[:8]}"  # a squash dir of this test's own
+    options = dict(insecure_registry=True, cache_dir=cache)
+    config = (REPO / "training" / "configs" / "surrogate.yaml").read_text()
+    train = (
+        f"{CHECK} && printf '%s' {shlex.quote(config)} > experiment.yaml "
+        "&& python -m hpctrain make-data borehole.parquet --rows 256 "
+        "&& python -m hpctrain fit --config experiment.yaml --smoke"
+    )
+    empty = f"{home}/.slurmflow/no-auth-{uuid.uuid4().hex[:6]}"
+    try:
+        rc, out, job_dir, secret = submit(cluster, "podman-hpc", image, ["sh", "-c", train], auth_dir, **options)
+        _assert_job(cluster, rc, out, job_dir, secret)
+        assert out.count("slurmflow: pulling") == 1 and "migrating it to" in out
+        assert json.loads(cluster.run(f"cat {shlex.quote(job_dir)}/result.json").stdout)
+        squashes = cluster.run(f"ls {shlex.quote(cache)}/podman-hpc/overlay/l/ | grep -c '[.]squash$'").stdout
+        assert int(squashes) == 1  # the migrated image: one squashfs
+        listed = cluster.run(
+            f"podman-hpc --squash-dir {shlex.quote(cache)}/podman-hpc images --no-trunc "
+            "--filter readonly=true --format '{{.Repository}}@{{.Digest}}'"
+        ).stdout.split()
+        assert image in listed
+
+        rc, out, job_dir, secret = submit(cluster, "podman-hpc", image, ["sh", "-c", CHECK], auth_dir, **options)
+        _assert_job(cluster, rc, out, job_dir, secret)
+        assert "slurmflow: pulling" not in out  # the squashed image is reused
+
+        # Without the staged credentials (and a squash dir without the image) the pull is refused.
+        cluster.write_private(f"{empty}/config.json", "{}\n")
+        rc, out, _, _ = submit(
+            cluster, "podman-hpc", image, ["true"], empty, insecure_registry=True, cache_dir=f"{cache}-noauth"
+        )
+        assert rc != 0
+        assert "slurmflow: pulling" in out
+        assert "unauthorized" in out.lower() or "authentication required" in out.lower(), out
+    finally:
+        # podman-hpc writes parts of the squash dir from its user namespace: remove it from there
+        paths = " ".join(shlex.quote(p) for p in (cache, f"{cache}-noauth", empty))
+        cluster.run(f"podman unshare rm -rf {paths}", check=False, timeout=300)

@@ -130,7 +130,7 @@ def test_two_node_gpu_ddp_job_is_rendered_as_the_golden_file():
     assert path.exists(), f"missing golden file {path}; run with SLURMFLOW_UPDATE_GOLDEN=1"
     assert text == path.read_text()
     assert "#SBATCH --gpus-per-node=4" in text and "#SBATCH --gpu-bind=closest" in text
-    assert "srun --kill-on-bad-exit=0 --wait=60 podman-hpc run" in text and "--gpu" in text
+    assert 'srun --kill-on-bad-exit=0 --wait=60 podman-hpc --squash-dir "$sf_sqdir" run' in text and "--gpu" in text
     assert "NCCL_SOCKET_IFNAME=hsn" in text
 
 

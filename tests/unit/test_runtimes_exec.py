@@ -24,13 +24,16 @@ IMAGE = f"registry.example.org/slurmflow/training@{DIGEST}"
 # argv[0]-routed fake: logs "<tool> <args>" and acts like the real tool where the fragment cares.
 FAKE = r"""#!/bin/bash
 tool=$(basename "$0")
+[ "$tool $1" = "podman-hpc --squash-dir" ] && shift 2  # podman-hpc's own option, before the subcommand
 printf '%s %s\n' "$tool" "$*" >> "$FAKE_LOG"
 env > "$FAKE_DIR/env.$tool.$$"
 store="$FAKE_DIR/store"
 case "$tool $1" in
-  "docker image"|"podman image"|"podman-hpc image") [ -e "$store/$tool" ] ;;
+  "docker image"|"podman image") [ -e "$store/$tool" ] ;;
+  "podman-hpc images") cat "$store/$tool" 2>/dev/null ;;  # the squash dir's images, as repo@digest
   "docker --config"|"docker pull"|"podman pull"|"podman-hpc pull")
-      [ -n "$FAKE_FAIL" ] && exit 1; sleep 0.3; mkdir -p "$store"; touch "$store/$tool" ;;
+      [ -n "$FAKE_FAIL" ] && exit 1; sleep 0.3; [ -n "$FAKE_NO_MIGRATE" ] && exit 0  # podman-hpc: exit 0 anyway
+      mkdir -p "$store"; echo "${@: -1}" > "$store/$tool" ;;
   "ch-image pull") [ -n "$FAKE_FAIL" ] && exit 1; sleep 0.3 ;;
   "ch-convert "*) out=${@: -1}; mkdir -p "$out/ch"; echo "PATH=/opt/venv/bin" > "$out/ch/environment" ;;
   "apptainer pull"|"singularity pull")  # first non-flag argument after "pull" is the output file
@@ -105,7 +108,7 @@ def test_second_job_with_the_same_digest_does_not_pull(runtime: str, fake: dict,
     assert len(_calls(fake, PULLS[runtime])) == 1
 
 
-@pytest.mark.parametrize("runtime", ["charliecloud", "apptainer", "enroot", "podman"])
+@pytest.mark.parametrize("runtime", ["charliecloud", "apptainer", "enroot", "podman", "podman-hpc"])
 def test_concurrent_array_tasks_convert_once(runtime: str, fake: dict, tmp_path: Path) -> None:
     text = container_command(runtime, IMAGE, ["true"], cache_dir=str(tmp_path / "cache"))
     procs = [
@@ -131,6 +134,18 @@ def test_a_failed_pull_fails_the_job_and_leaves_no_half_image(
     # The next job retries (and succeeds once the registry is back).
     assert _run(text, fake).returncode == 0
     assert len(_calls(fake, PULLS[runtime])) == 2
+
+
+def test_podman_hpc_fails_the_job_when_the_migration_did_not_happen(fake: dict, tmp_path: Path) -> None:
+    """podman-hpc's pull exits 0 when its migration to the squash dir failed: the fragment checks."""
+    text = container_command("podman-hpc", IMAGE, ["python", "-V"], cache_dir=str(tmp_path / "cache"))
+    proc = _run(text, fake, FAKE_NO_MIGRATE="1")
+    assert proc.returncode == 1
+    assert "did not migrate" in proc.stderr
+    assert "python -V" not in proc.stdout
+    assert _run(text, fake).returncode == 0  # the next job pulls again
+    assert len(_calls(fake, "podman-hpc pull")) == 2
+    assert len(_calls(fake, "podman-hpc rmi")) == 1  # the node-local copy, once migrated
 
 
 def test_registry_credentials_reach_the_pull_but_not_the_command(fake: dict, tmp_path: Path) -> None:
