@@ -1,4 +1,4 @@
-"""The ``hpctrain`` command: ``fit`` (LightningCLI), ``evaluate``, ``upload``, ``make-data``.
+"""The ``hpctrain`` command: ``fit`` (LightningCLI), ``evaluate``, ``upload``, ``make-data``, ``produce``.
 
 ``python -m hpctrain fit --config <file>`` is what the Slurm job runs (docs/CONTRACTS.md).
 Heavy imports happen inside each command, so ``hpctrain --help`` and ``upload`` stay quick.
@@ -17,6 +17,7 @@ commands:
   evaluate   metrics of an exported model on a held-out data spec (hpctrain evaluate --help)
   upload     replay a job's offline MLflow store into a tracking server (hpctrain upload --help)
   make-data  write the synthetic borehole surrogate table to Parquet/CSV (hpctrain make-data --help)
+  produce    one rank of a producer ensemble putting batches into the staging store (hpctrain produce --help)
 
 exit codes: 0 ok (also: job already complete), 2 config error, 75 preempted (checkpoint saved: requeue me), 1 failure
 """
@@ -58,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         from hpctrain.data.borehole import main as make_data_main
 
         return make_data_main(rest)
+    if command == "produce":
+        from hpctrain.produce import main as produce_main
+
+        return produce_main(rest)
     print(f"hpctrain: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 
