@@ -175,3 +175,17 @@ def test_two_ddp_ranks_split_the_batches(staging_env, tmp_path):
         assert a["samples"] + a["padding"] == b["samples"] + b["padding"]  # same steps on both ranks
     assert max(by_epoch) >= 4 and m["data"]["batches_consumed"] == 15
     assert any(len(r[0]["batches"]) != len(r[1]["batches"]) for r in by_epoch.values())  # uneven: padded
+
+
+def test_no_store_address_is_a_config_error_and_a_dead_store_fails_fast(hpctrain, tmp_path, monkeypatch):
+    from hpctrain.staging import StoreUnavailable
+
+    monkeypatch.delenv("SLURMFLOW_STAGING_ADDRESS", raising=False)
+    assert hpctrain("fit", *ONLINE, f"--run.job_dir={tmp_path / 'a'}") == 2
+    monkeypatch.setenv("SLURMFLOW_STAGING_ADDRESS", f"127.0.0.1:{_free_port()}")
+    t0 = time.monotonic()
+    with pytest.raises(StoreUnavailable, match="did not answer within 1s"):
+        hpctrain("fit", *ONLINE, f"--run.job_dir={tmp_path / 'b'}", "--data.connect_timeout_s=1")
+    assert time.monotonic() - t0 < 60  # (building the Trainer on a busy machine is most of it)
+    m = load_manifest(tmp_path / "b")
+    assert m["status"] == "failed" and "did not answer" in m["error"]
