@@ -1,5 +1,5 @@
 """The ``hpctrain`` command: ``fit`` (LightningCLI), ``evaluate``, ``upload``, ``make-data``,
-``prepare``.
+``prepare``, ``produce``.
 
 ``python -m hpctrain fit --config <file>`` is what the Slurm job runs (docs/CONTRACTS.md).
 Heavy imports happen inside each command, so ``hpctrain --help`` and ``upload`` stay quick.
@@ -19,6 +19,7 @@ commands:
   upload     replay a job's offline MLflow store into a tracking server (hpctrain upload --help)
   make-data  write the synthetic borehole surrogate table to Parquet/CSV (hpctrain make-data --help)
   prepare    a pipeline stage's data set: train + held-out tables and dataset.json (hpctrain prepare --help)
+  produce    one rank of a producer ensemble putting batches into the staging store (hpctrain produce --help)
 
 exit codes: 0 ok (also: job already complete), 2 config error, 75 preempted (checkpoint saved: requeue me), 1 failure
 """
@@ -64,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         from hpctrain.data.borehole import prepare_main
 
         return prepare_main(rest)
+    if command == "produce":
+        from hpctrain.produce import main as produce_main
+
+        return produce_main(rest)
     print(f"hpctrain: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 
