@@ -1,7 +1,7 @@
 """Online training end to end: producers -> a real redis-server -> the trainer (1 and 2 DDP ranks).
 
 Producers run as ``python -m hpctrain produce`` processes with the variables ``srun`` sets; the
-trainer as ``python -m hpctrain fit --config configs/online.yaml`` (in this process, or as one or
+trainer as ``python -m hpctrain fit --config configs/online/online.yaml`` (in this process, or as one or
 two child processes). What a run took is read back from its job directory: ``result.json`` and the
 per-rank logs under ``data/online/`` (``taken-rank*.jsonl``: each batch downloaded from the store;
 ``epochs-rank*.jsonl``: the batches each rank trained on in each epoch).
@@ -21,7 +21,7 @@ from test_ddp import _free_port, _srun_env
 from hpctrain.manifest import is_complete, load_manifest
 from hpctrain.staging import StagingStore, StoreAddress
 
-ONLINE = ["--config", str(CONFIGS / "online.yaml"), "--run.tracking=off", "--run.num_threads=1",
+ONLINE = ["--config", str(CONFIGS / "online" / "online.yaml"), "--run.tracking=off", "--run.num_threads=1",
           "--run.export_program=false", "--trainer.enable_model_summary=false", "--data.poll_interval_s=0.05"]
 
 
