@@ -11,6 +11,8 @@ import time
 
 import pytest
 
+from scripts.airflow_api import AirflowAPIError
+
 pytestmark = pytest.mark.e2e
 
 DAG = "experiment_pipeline"
@@ -51,7 +53,8 @@ def test_second_run_submits_no_job_and_both_are_recorded(run_dag, api, cluster, 
     assert second["state"] == "success", states
     two = _stages(api, second["dag_run_id"])
     assert all(r["cached"] for r in two.values()), two  # no stage submitted a job
-    assert api.xcom(DAG, second["dag_run_id"], "prepare", key="slurm_job") is None
+    with pytest.raises(AirflowAPIError, match="404"):  # the stage task pushed no Slurm job
+        api.xcom(DAG, second["dag_run_id"], "prepare", key="slurm_job")
     assert _sacct_jobs(cluster, second["dag_run_id"], "prepare") == []
     print(f"experiment_pipeline wall time: cold {cold:.0f} s, cached {cached:.0f} s")
     # the same keys, the entry is on the cluster with its stage.json, group-shareable mode
