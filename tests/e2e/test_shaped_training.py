@@ -14,8 +14,12 @@ import pytest
 pytestmark = pytest.mark.e2e
 
 
-def _jobs(cluster) -> str:
-    return cluster("sacct -n -X -S now-10minutes -o jobid,jobname%60 | grep -c ' train\\.' || true")
+def _train_jobs_since(cluster, since: str) -> list[str]:
+    """Training jobs (``train.*``) submitted at ``since`` or later (a fixed start: counting a
+    sliding 10-minute window lost an earlier test's job between two counts, read as a change)."""
+    out = cluster(f"sacct -n -X -P -S {since} -o jobid,jobname,submit")
+    rows = [line.split("|") for line in out.splitlines() if line.count("|") == 2]
+    return [job for job, name, submit in rows if name.startswith("train.") and submit >= since]
 
 
 def test_a_shaped_training_runs_with_its_options(run_dag, api, mlflow_client):
@@ -37,11 +41,11 @@ def test_a_shaped_training_runs_with_its_options(run_dag, api, mlflow_client):
     ({"constraint": "nosuchfeature"}, "Slurm would reject this job"),  # sbatch --test-only's no
 ])
 def test_a_shape_that_cannot_run_fails_at_preflight_once(run_dag, api, cluster, conf, reason):
-    before = _jobs(cluster)
+    since = cluster("date +%Y-%m-%dT%H:%M:%S").strip()
     run, states = run_dag("train_model", {"model_name": f"e2e-bad-{uuid.uuid4().hex[:6]}", **conf}, timeout=300)
     assert run["state"] == "failed" and states["preflight"] == "failed", states
     assert states["train"] in ("upstream_failed", None), states
     tis = {t["task_id"]: t for t in api.task_instances("train_model", run["dag_run_id"])}
     assert tis["preflight"]["try_number"] == 1, "bad input is not retried"
     assert reason in api.task_log("train_model", run["dag_run_id"], "preflight")
-    assert _jobs(cluster) == before, "nothing was submitted"
+    assert _train_jobs_since(cluster, since) == [], "nothing was submitted"
