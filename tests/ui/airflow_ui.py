@@ -146,7 +146,7 @@ class AirflowUI:
         def picker(i: int) -> WebElement:
             return self.driver.find_elements(By.CSS_SELECTOR, "[data-testid=datetime-input]")[i]
 
-        for i, day in enumerate((start, end)):
+        def fill(i: int, day: str) -> None:
             self.click(picker(i))
             popover = wait_for(lambda: next((p for p in self.driver.find_elements(
                 By.CSS_SELECTOR, "[data-scope=popover][data-part=content]") if p.is_displayed()), None),
@@ -156,6 +156,17 @@ class AirflowUI:
                 field.send_keys(Keys.CONTROL, "a")
                 field.send_keys(value)
             popover.find_element(By.CSS_SELECTOR, "input[placeholder='HH:mm']").send_keys(Keys.ENTER)
+
+        for i, day in enumerate((start, end)):
+            for attempt in range(3):
+                try:
+                    fill(i, day)
+                    break
+                except StaleElementReferenceException:  # the popover re-rendered as it opened (CI)
+                    if attempt == 2:
+                        raise
+                    self.driver.find_element(By.TAG_NAME, "body").send_keys(Keys.ESCAPE)
+                    time.sleep(0.5)
             self.driver.find_element(By.TAG_NAME, "body").send_keys(Keys.ESCAPE)
             # the picker then shows the date in the UI's own format ("Jan 02, 2026 00:00")
             wait_for(lambda n=i: "Select date" not in picker(n).text, 10, f"the picker to show {day}")

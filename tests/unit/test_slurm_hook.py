@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from slurmflow.errors import SlurmConnectionError, SlurmSubmitError
@@ -235,7 +237,10 @@ def test_an_unreachable_login_node_is_waited_for_inside_the_try(monkeypatch):
     from slurmflow.hooks.slurm import SlurmHook
 
     slept: list[float] = []
-    monkeypatch.setattr(slurm_mod.time, "sleep", slept.append)
+    me = threading.get_ident()
+    # time is one module for every thread: a thread an earlier test left sleeping in a loop would
+    # add its own calls (seen in a full CI run), so only this thread's sleeps count
+    monkeypatch.setattr(slurm_mod.time, "sleep", lambda s: slept.append(s) if threading.get_ident() == me else None)
     hook = SlurmHook("slurm_default")
     hook.__dict__["ssh_hook"] = FlakySSH(ConnectionRefusedError(111, "Connection refused"), TimeoutError("timed out"))
     assert hook._client() is hook.ssh_hook.client
