@@ -60,6 +60,12 @@ def config_name(params: Mapping[str, Any]) -> str:
     return params.get("config") or CONFIGS[params["task"]]
 
 
+#: How a job runs the training CLI. -P: the working directory is the job dir, and `python -m`
+#: would put it first on sys.path, where its `tensorboard/` folder shadowed the package
+#: (Lightning then took TensorBoard for installed and a resumed training failed at start).
+HPCTRAIN = ("python", "-P", "-m", "hpctrain")
+
+
 def check_training_params(params: Mapping[str, Any]) -> None:
     """Combinations of training Params their schemas cannot refuse one by one.
 
@@ -91,10 +97,7 @@ def training_argv(params: Mapping[str, Any], config: str = STAGED_CONFIG) -> lis
     check_training_params(params)
     task = params["task"]
     argv = [
-        # -P: the working directory is the job dir, and `python -m` would put it first on
-        # sys.path, where its `tensorboard/` folder shadowed the package (Lightning then took
-        # TensorBoard for installed and a resumed training failed at start).
-        "python", "-P", "-m", "hpctrain", "fit", "--config", config,
+        *HPCTRAIN, "fit", "--config", config,
         f"--seed_everything={int(params['seed'])}",
         f"--trainer.max_epochs={int(params['max_epochs'])}",
     ]

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from slurmflow.pipeline.experiments import STAGED_CONFIG, stage_config_lines
-from slurmflow.pipeline.jobs import Site, container_options, sbatch_options
+from slurmflow.pipeline.jobs import HPCTRAIN, Site, container_options, sbatch_options
 from slurmflow.pipeline.stages import INPUTS, OUT_DIR, StageCache, stage_job_lines
 from slurmflow.runtimes import container_command
 
@@ -50,8 +50,8 @@ def holdout_spec(path: str) -> dict[str, Any]:
 
 
 def stage_argv(stage: str, p: Mapping[str, Any]) -> list[str]:
-    """The command the stage's container runs, in its job directory (``python -P``: see jobs.py)."""
-    hpctrain = ["python", "-P", "-m", "hpctrain"]
+    """The command the stage's container runs, in its job directory."""
+    hpctrain = list(HPCTRAIN)
     if stage == "prepare":
         return [*hpctrain, "prepare", OUT_DIR, f"--rows={int(p['rows'])}", f"--holdout-rows={int(p['holdout_rows'])}",
                 f"--seed={int(p['data_seed'])}", f"--noise={float(p['noise'])}"]
