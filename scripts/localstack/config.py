@@ -26,7 +26,12 @@ CLUSTER_USER = "hpcuser"
 SLURM_ACCOUNT = "research"
 SLURM_PARTITION = "debug"
 REGISTRY = "127.0.0.1:5000"
-BASE_IMAGE_REPO, BASE_IMAGE_TAG = "slurmflow/base", "bookworm"
+#: What the locally made base image holds (debootstrap --include): Python for the training venv,
+#: and Debian's redis-server, the staging store online_training runs inside its job (docs/online-training-slurm.md).
+BASE_PACKAGES = ("python3", "python3-venv", "python3-pip", "ca-certificates", "redis-server")
+# The tag names the package list, so changing it builds a new base (and so a new training image).
+BASE_IMAGE_REPO = "slurmflow/base"
+BASE_IMAGE_TAG = "bookworm-" + hashlib.sha256(",".join(BASE_PACKAGES).encode()).hexdigest()[:8]
 BASE_IMAGE = f"{REGISTRY}/{BASE_IMAGE_REPO}:{BASE_IMAGE_TAG}"
 PG_PORT = 5433  # not 5432: leave the machine's own PostgreSQL cluster alone
 REDIS_PORT = 6380  # the Celery broker; not 6379: leave that to a Redis of the machine's own

@@ -16,6 +16,7 @@ from .config import (
     BASE_IMAGE,
     BASE_IMAGE_REPO,
     BASE_IMAGE_TAG,
+    BASE_PACKAGES,
     CLUSTER_HOME,
     CLUSTER_USER,
     PG_PORT,
@@ -217,12 +218,12 @@ def base_image() -> None:
     if have and pushed:
         return
     if not have:
-        tarball = STACK / "cache" / "base-rootfs.tar"
+        tarball = STACK / "cache" / f"base-rootfs-{BASE_IMAGE_TAG}.tar"
         if not tarball.exists():
             rootfs = STACK / "cache" / "base-rootfs"
             shutil.rmtree(rootfs, ignore_errors=True)
             print("  building the base image with debootstrap (first run only, about 2 minutes)")
-            sh(["debootstrap", "--variant=minbase", "--include=python3,python3-venv,python3-pip,ca-certificates",
+            sh(["debootstrap", "--variant=minbase", "--include=" + ",".join(BASE_PACKAGES),
                 "bookworm", str(rootfs), "http://deb.debian.org/debian"])
             sh(["tar", "-C", str(rootfs), "-cf", str(tarball), "."])
             shutil.rmtree(rootfs)

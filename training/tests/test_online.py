@@ -143,6 +143,42 @@ def test_preempted_trainer_resumes_at_its_cursor(staging_env, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_requeued_job_restarts_its_producers_at_the_cursor(staging_env, tmp_path):
+    """Requeue restarts the whole job: a new, empty store and new producers. They number their
+    batches from the trainer's checkpointed cursor (``data/online/cursor.json``): nothing is
+    produced twice, nothing skipped, and the store ends empty (no unconsumed re-puts below it)."""
+    job = tmp_path / "job"
+    trainer = _fit_process(job, staging_env)
+    producers = _producers(staging_env, rounds=10, interval=0.4, extra=["--max-buffered-batches=8"])
+    deadline = time.monotonic() + 120
+    while len(_rows(job, "taken") if (job / "data" / "online").exists() else []) < 6:
+        assert trainer.poll() is None and time.monotonic() < deadline, trainer.communicate()[0]
+        time.sleep(0.05)
+    trainer.send_signal(signal.SIGUSR2)
+    assert trainer.wait(120) == 75, trainer.communicate()[0]
+    for p in producers:  # the job ends: producers and store go with it
+        p.kill()
+    _wait(producers)
+    cursor = json.loads((job / "data" / "online" / "cursor.json").read_text())["cursor"]
+    assert sum(cursor.values()) == len(_taken(job)) >= 6
+    store = _store()
+    store.client.delete(*store.client.keys(f"{store.namespace}:*"))  # the requeued job's store is new
+
+    producers = _producers({**staging_env, "HPCTRAIN_JOB_DIR": str(job)}, rounds=10, interval=0.1)
+    trainer = _fit_process(job, {**staging_env, "SLURM_RESTART_COUNT": "1"})
+    out = trainer.communicate(timeout=180)[0]
+    logs = _wait(producers)
+    assert trainer.returncode == 0, out
+    taken = _taken(job)
+    namespace = staging_env["SLURMFLOW_STAGING_NAMESPACE"]
+    assert len(taken) == len(set(taken)) == 40 and set(taken) == _all_batches(namespace, rounds=10)
+    for prefix, start in cursor.items():  # each producer put only the batches past the cursor
+        log = next(text for text in logs if f"{prefix}: done" in text)
+        assert f"{prefix}: batch {start} put" in log and f"{prefix}: batch {start - 1} put" not in log
+    assert _store().stored_batches() == 0
+
+
+@pytest.mark.slow
 def test_two_ddp_ranks_split_the_batches(staging_env, tmp_path):
     job = tmp_path / "job"
     port = _free_port()

@@ -1,5 +1,5 @@
 """The ``hpctrain`` command: ``fit`` (LightningCLI), ``evaluate``, ``upload``, ``make-data``,
-``prepare``, ``produce``.
+``prepare``, ``produce``, ``store``.
 
 ``python -m hpctrain fit --config <file>`` is what the Slurm job runs (docs/CONTRACTS.md).
 Heavy imports happen inside each command, so ``hpctrain --help`` and ``upload`` stay quick.
@@ -20,6 +20,7 @@ commands:
   make-data  write the synthetic borehole surrogate table to Parquet/CSV (hpctrain make-data --help)
   prepare    a pipeline stage's data set: train + held-out tables and dataset.json (hpctrain prepare --help)
   produce    one rank of a producer ensemble putting batches into the staging store (hpctrain produce --help)
+  store      the job's staging store: redis-server on this node until the job ends (hpctrain store --help)
 
 exit codes: 0 ok (also: job already complete), 2 config error, 75 preempted (checkpoint saved: requeue me), 1 failure
 """
@@ -69,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         from hpctrain.produce import main as produce_main
 
         return produce_main(rest)
+    if command == "store":
+        from hpctrain.store import main as store_main
+
+        return store_main(rest)
     print(f"hpctrain: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Mapping
@@ -23,7 +24,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hpctrain.staging import DatasetInfo, StagingStore, StoreAddress, StoreUnavailable, producer_prefix
+from hpctrain.job import JOB_DIR_ENV
+from hpctrain.staging import (
+    CURSOR_FILE,
+    DatasetInfo,
+    StagingStore,
+    StoreAddress,
+    StoreUnavailable,
+    producer_prefix,
+    read_cursor,
+)
 
 log = logging.getLogger("hpctrain.produce")
 
@@ -95,6 +105,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--namespace", help="key namespace (default $SLURMFLOW_STAGING_NAMESPACE or hpctrain)")
     p.add_argument("--address", help="host:port (default $SLURMFLOW_STAGING_ADDRESS); the password comes "
                    "from $SLURMFLOW_STAGING_PASSWORD or the file $SLURMFLOW_STAGING_PASSWORD_FILE")
+    p.add_argument("--start-from", help="the trainer's cursor file: start at its iteration (default "
+                   f"$HPCTRAIN_JOB_DIR/{CURSOR_FILE} when that is set)")
     p.add_argument("--connect-timeout-s", type=float, default=60.0,
                    help="give up when the store does not answer for this long (default 60)")
     return p
@@ -111,7 +123,10 @@ def run(args: argparse.Namespace) -> int:
                            max_buffered_batches=args.max_buffered_batches)
         store.publish_info(info)
     store.heartbeat(prefix)
-    start = store.next_iteration(prefix)  # a restarted producer continues its numbering
+    # A restarted producer continues its numbering; in a requeued job (a new, empty store) it
+    # starts at the trainer's checkpointed cursor, so no batch is skipped or produced twice.
+    resume = read_cursor(args.start_from).get(prefix, 0) if args.start_from else 0
+    start = store.start_at(prefix, resume)
     for iteration in range(start, args.rounds):
         samples, labels = reference_batch(place, iteration, args.batch_size, args.features, args.scale, args.seed)
         put = store.put_batch(prefix, samples, labels, args.max_buffered_batches)
@@ -133,6 +148,10 @@ def _sleep_with_heartbeat(store: StagingStore, prefix: str, seconds: float) -> N
 def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parser().parse_args(argv)
+    if args.start_from is None and os.environ.get(JOB_DIR_ENV):
+        args.start_from = os.path.join(os.environ[JOB_DIR_ENV], CURSOR_FILE)
+    # The preemption signal is the trainer's (it checkpoints): producers keep producing meanwhile.
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     for name in ("rounds", "batch_size", "features", "max_buffered_batches"):
         if getattr(args, name) < 1:
             print(f"hpctrain produce: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)

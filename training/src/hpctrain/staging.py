@@ -95,6 +95,28 @@ class StoreAddress:
         return cls(host.strip("[]"), int(port), password)
 
 
+#: The trainer's cursor, relative to the job directory: JSON ``{"cursor": {prefix: next iteration}}``,
+#: rewritten with every checkpoint; a requeued job's producers start from it (``produce --start-from``).
+CURSOR_FILE = "data/online/cursor.json"
+
+
+def read_cursor(path: str | os.PathLike[str]) -> dict[str, int]:
+    """The cursor a checkpoint holds (empty when there is no checkpoint yet)."""
+    try:
+        return {k: int(v) for k, v in json.loads(Path(path).read_text(encoding="utf-8"))["cursor"].items()}
+    except FileNotFoundError:
+        return {}
+
+
+def write_cursor(path: str | os.PathLike[str], cursor: Mapping[str, int]) -> None:
+    """Atomically replace the cursor file (a reader never sees half of it)."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}")
+    tmp.write_text(json.dumps({"cursor": dict(cursor)}, sort_keys=True), encoding="utf-8")
+    tmp.replace(target)
+
+
 def producer_prefix(namespace: str, name: str, replica: int, rank: int) -> str:
     """Key prefix of one producer: rank ``rank`` of ensemble member ``{name}_{replica}``."""
     return f"{namespace}:{name}_{replica}:{rank}"
@@ -157,10 +179,11 @@ class StagingStore:
 
     @classmethod
     def connect(cls, address: StoreAddress, namespace: str | None = None, wait_s: float = 60.0,
-                poll_s: float = 0.5) -> StagingStore:
+                poll_s: float = 0.5, alive: Callable[[], bool] | None = None) -> StagingStore:
         """Connect and ``PING`` until the store answers, for at most ``wait_s`` seconds.
 
-        :raises StoreUnavailable: with the reason (refused, timed out, wrong password).
+        :param alive: for the one who started the server: False once it has exited (stop waiting).
+        :raises StoreUnavailable: with the reason (refused, timed out, wrong password, exited).
         """
         import redis
 
@@ -174,6 +197,8 @@ class StagingStore:
             except redis.AuthenticationError as exc:
                 raise StoreUnavailable(f"staging store {address} refused the password: {exc}") from exc
             except (redis.ConnectionError, redis.TimeoutError) as exc:
+                if alive is not None and not alive():
+                    raise StoreUnavailable(f"staging store {address} exited before it answered: {exc}") from exc
                 if time.monotonic() >= deadline:
                     raise StoreUnavailable(f"staging store {address} did not answer within {wait_s:g}s: {exc}") from exc
                 time.sleep(poll_s)
@@ -204,6 +229,15 @@ class StagingStore:
         return DatasetInfo.from_json(raw) if raw is not None else None
 
     # -- producer side ------------------------------------------------------------------------
+    def start_at(self, prefix: str, iteration: int) -> int:
+        """Number this producer's batches from ``iteration`` on (a requeued job's producers resume
+        at the trainer's cursor: the batches below it are already in the trainer's checkpoint).
+        Never moves backwards; returns the producer's next iteration."""
+        key = f"{prefix}:next"
+        if int(self.client.get(key) or 0) < iteration:
+            self.client.set(key, iteration)
+        return self.next_iteration(prefix)
+
     def next_iteration(self, prefix: str) -> int:
         """The iteration the producer's next batch gets (a restarted producer continues)."""
         return int(self.client.get(f"{prefix}:next") or 0)

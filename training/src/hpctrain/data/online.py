@@ -43,8 +43,9 @@ from hpctrain.data.base import HpcDataModule, global_seed
 from hpctrain.data.sampling import EpochShuffleSampler, ResumableLoader
 from hpctrain.data.tensor_table import TensorTable
 from hpctrain.errors import ConfigError
+from hpctrain.job import JOB_DIR_ENV, resolve_job_dir
 from hpctrain.signals import process_latch
-from hpctrain.staging import StagingStore, StoreAddress
+from hpctrain.staging import CURSOR_FILE, StagingStore, StoreAddress, write_cursor
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +161,11 @@ class OnlineDataModule(HpcDataModule):
 
     # -- the cursor in the checkpoint --------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        # Called as a checkpoint is written: the cursor also goes where a requeued job's producers
+        # read it (they start there, in the new, empty store). The same on every rank: rank 0 writes.
+        trainer = self._trainer_or_none()
+        if self.cursor and os.environ.get(JOB_DIR_ENV) and (trainer is None or trainer.global_rank == 0):
+            write_cursor(resolve_job_dir() / CURSOR_FILE, self.cursor)
         return {"prefixes": list(self.prefixes), "cursor": dict(self.cursor), "registry": [list(r) for r in self.registry],
                 "dead": list(self.dead), "exhausted": self.exhausted, "ingested_epoch": self.ingested_epoch}
 
