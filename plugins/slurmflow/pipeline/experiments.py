@@ -45,10 +45,17 @@ def experiment_configs(root: Path | str | None = None) -> list[str]:
 
 
 def config_path(name: str, root: Path | str | None = None) -> Path:
-    """The file of config ``name``.
+    """The file of config ``name``: a top-level one (the ``config`` Param's choices), or one a DAG
+    owns in a subfolder (``online/online``: it needs the staging store its DAG's job provides).
 
     :raises ValueError: no such config (the message lists the ones there are).
     """
+    if "/" in name:
+        base = config_dir(root).resolve()
+        path = (base / f"{name}.yaml").resolve()
+        if not path.is_relative_to(base) or not path.is_file():
+            raise ValueError(f"unknown config {name!r}: no {CONFIG_DIR}/{name}.yaml")
+        return path
     known = experiment_configs(root)
     if name not in known:
         raise ValueError(f"unknown config {name!r}: {CONFIG_DIR}/ has {', '.join(known) or 'none'}")

@@ -224,3 +224,60 @@ def draft7(params: dict[str, Param]) -> dict[str, Param]:
     for param in params.values():
         param.schema["$schema"] = DRAFT_7
     return params
+
+
+def online_params() -> dict[str, Param]:
+    """All Params of ``online_training``: the producer ensemble, the trainer, the allocation.
+
+    The defaults finish in a few minutes on the local stack: 2 replicas x 2 ranks, 20 rounds of
+    64 samples every 0.5 s, one trainer rank; 6 tasks of 1 CPU.
+    """
+    slurm = slurm_params()
+    return draft7({
+        "model_name": optional(NAME, section="Model",
+                               description="Registered model name in MLflow; empty = slurmflow-online."),
+        "replicas": Param(2, type="integer", minimum=1, maximum=256, section="Producers",
+                          description="Ensemble members (SmartSim: the ensemble's replicas)."),
+        "ranks_per_replica": Param(2, type="integer", minimum=2, maximum=64, section="Producers",
+                                   description="MPI-style ranks of each member; rank r draws samples around r, "
+                                               "labelled r, so this is also the number of classes (>= 2)."),
+        "rounds": Param(20, type="integer", minimum=1, maximum=100_000, section="Producers",
+                        description="Batches each producer rank puts before it marks itself done."),
+        "interval_s": Param(0.5, type="number", minimum=0, maximum=3600, section="Producers",
+                            description="Seconds between two batches of one producer (the simulation step)."),
+        "samples_per_batch": Param(64, type="integer", minimum=1, maximum=65536, section="Producers",
+                                   description="Samples in each produced batch."),
+        "features": Param(16, type="integer", minimum=1, maximum=65536, section="Producers",
+                          description="Values per sample."),
+        "max_buffered_batches": Param(64, type="integer", minimum=1, maximum=1_000_000, section="Producers",
+                                      description="Backpressure: producers wait while the store holds this many "
+                                                  "batches the trainer has not taken (bounds the store's memory)."),
+        "producer_timeout_s": Param(60, type="number", minimum=1, maximum=86400, section="Producers",
+                                    description="A producer with no batch, heartbeat or done mark for this long is "
+                                                "dead: reported, and training ends with what arrived."),
+        "trainer_ranks": Param(1, type="integer", minimum=1, maximum=256, section="Trainer",
+                               description="DDP ranks of the trainer (gloo on CPU); each takes a disjoint "
+                                           "share of the batches (SmartSim's replica_rank / num_replicas)."),
+        "lr": Param(3e-3, type="number", exclusiveMinimum=0, maximum=1, section="Trainer",
+                    description="Learning rate (AdamW)."),
+        "max_epochs": Param(200, type="integer", minimum=1, maximum=100_000, section="Trainer",
+                            description="Upper bound on epochs: training ends earlier, after the epoch that "
+                                        "holds every batch once all producers are done (or dead)."),
+        "batch_size": Param(64, type="integer", minimum=1, maximum=65536, section="Trainer",
+                            description="Rows per training step (per rank)."),
+        "width": Param(64, type="integer", minimum=4, maximum=4096, section="Trainer",
+                       description="Hidden units of the classifier's MLP."),
+        "seed": Param(42, type="integer", minimum=0, maximum=2**31 - 1, section="Trainer",
+                      description="Seed of the producers' data and the trainer's weights."),
+        "cluster": slurm["cluster"],
+        "partition": slurm["partition"],
+        "account": slurm["account"],
+        "qos": slurm["qos"],
+        "cpus_per_task": Param(1, type="integer", minimum=1, maximum=256, section="Slurm",
+                               description="CPUs of each task: the store, every producer rank, every trainer rank."),
+        "mem_per_cpu": Param("512M", type="string", pattern=SLURM_MEM, section="Slurm",
+                             description="Memory per CPU (--mem-per-cpu): each step gets its CPUs' share."),
+        "time_limit": Param("00:20:00", type="string", pattern=SLURM_TIME, section="Slurm",
+                            description="Wall-clock limit, [D-]HH:MM:SS; the trainer checkpoints 60 s before it."),
+        "container_runtime": slurm["container_runtime"],
+    })

@@ -143,7 +143,25 @@ def metrics_of(manifest: Mapping[str, Any]) -> dict[str, float]:
     out = {k: v for k, v in (metrics.get("final") or {}).items() if isinstance(v, int | float)}
     out.update({f"best/{k}": v for k, v in (metrics.get("best") or {}).items() if isinstance(v, int | float)})
     out.update({k: manifest[k] for k in MANIFEST_METRICS if _number(manifest.get(k))})
+    out.update(online_metrics(manifest.get("data") or {}))
     return out
+
+
+def online_metrics(data: Mapping[str, Any]) -> dict[str, float]:
+    """``online/*`` metrics of a training fed by producers (``data.kind == "online"``, see
+    hpctrain.data.online): what it consumed, from whom, and how fresh (put -> first use)."""
+    if data.get("kind") != "online":
+        return {}
+    per_producer = [v for v in (data.get("batches_per_producer") or {}).values() if _number(v)]
+    out = {"online/samples_consumed": data.get("samples_consumed"),
+           "online/batches_consumed": data.get("batches_consumed"),
+           "online/batches_per_producer": sum(per_producer) / len(per_producer) if per_producer else None,
+           "online/batches_per_producer_min": min(per_producer) if per_producer else None,
+           "online/dead_producers": len(data.get("dead_producers") or []),
+           "online/staleness_p50_s": data.get("staleness_p50_s"),
+           "online/staleness_p95_s": data.get("staleness_p95_s"),
+           "online/wait_fraction": data.get("wait_fraction")}
+    return {k: float(v) for k, v in out.items() if _number(v)}
 
 
 def register(
@@ -249,6 +267,8 @@ def catalog_record(catalog: RunCatalogHook, run_key: str, state: str, *, job: Ma
             fields["usage"] = registration["usage"]
         if registration.get("code"):
             fields["code"] = registration["code"]
+        if registration.get("data"):  # what it trained on (an online run: its producers, the dead ones)
+            fields["data"] = registration["data"]
     if manifest:
         fields["data"] = manifest.get("data")
         fields["versions"] = manifest.get("versions")

@@ -21,12 +21,12 @@ from slurmflow.pipeline.tasks import (
     TrainingJobOperator,
     _site_value,
     _slurm_hook,
-    _stage_registry_auth,
     cluster_of,
     cluster_variables,
     code_tags,
     mlflow_task,
     site_settings,
+    stage_registry_auth,
 )
 from slurmflow.retries import SERVICE_RETRIES
 
@@ -118,7 +118,7 @@ def stage_spec(stage: str):
         key = stage_key(stage, code, own, {k: v["outputs_hash"] for k, v in inputs.items()})
         record = stage_record(stage, key, code, own, inputs, {
             "dag_id": context["dag"].dag_id, "run_id": context["run_id"], "task_id": stage})
-        _stage_registry_auth(hook)
+        stage_registry_auth(hook)
         try:
             job = stage_job(stage, params, image, site_settings(hook.home, cluster_of(params)), cache, key, record,
                             {k: v["entry"] for k, v in inputs.items()},

@@ -190,10 +190,7 @@ def preflight() -> str:
     """``sbatch --test-only`` with the run's resources: a bad partition/account/QOS fails here,
     before an image is built or anything is queued; so do Params that contradict each other
     (:func:`~slurmflow.pipeline.jobs.check_training_params`)."""
-    from slurmflow.errors import SlurmSubmitError
     from slurmflow.pipeline.jobs import check_training_params, sbatch_options
-    from slurmflow.sbatch import build_script, render_script
-    from slurmflow.versions import UnsupportedSlurmVersion
 
     params = get_current_context()["params"]
     try:
@@ -202,19 +199,43 @@ def preflight() -> str:
         raise AirflowFailException(f"invalid Params: {exc}") from exc
     task_class = check_experiment(params)
     parent = find_parent(params, task_class) if params.get("init_from") else None
+    hook = cluster_hook(params)
+    if parent is not None:
+        kind, source = parent_checkpoint(parent, hook, cluster_of(params))
+        log.info("init_from %s: run %s, %s checkpoint %s", parent.reference, parent.run_id, kind, source)
+    return slurm_would_accept(hook, lambda site: sbatch_options(params, site), cluster_of(params))
+
+
+def cluster_hook(params: Mapping[str, Any]):
+    """The run's cluster hook, once its connection is known to exist.
+
+    :raises AirflowFailException: no such cluster (bad input, no retry).
+    """
     hook = _slurm_hook(params)
     try:
         hook.get_connection(hook.slurm_conn_id)
     except Exception as exc:  # AirflowNotFoundException, whichever module raises it
         raise AirflowFailException(f"unknown cluster {cluster_of(params)!r}: a cluster is an SSH connection "
                                    "of that id (README, Several clusters)") from exc
-    if parent is not None:
-        kind, source = parent_checkpoint(parent, hook, cluster_of(params))
-        log.info("init_from %s: run %s, %s checkpoint %s", parent.reference, parent.run_id, kind, source)
+    return hook
+
+
+def slurm_would_accept(hook: Any, options: Any, cluster: str, explain: str = "") -> str:
+    """Preflight's core: the controller's version is one we support, and ``sbatch --test-only``
+    accepts a job of these resources (nothing is queued).
+
+    :param options: ``site -> sbatch options`` of the run (the site's defaults filled in).
+    :param explain: what the resources add up to, for Slurm's "no" (e.g. online_training's tasks).
+    :raises AirflowFailException: bad resources or an unsupported Slurm (a retry gets the same answer).
+    """
+    from slurmflow.errors import SlurmSubmitError
+    from slurmflow.sbatch import build_script, render_script
+    from slurmflow.versions import UnsupportedSlurmVersion
+
     job_dir = f"{hook.job_root}/preflight/{uuid.uuid4().hex}"
     try:
         script = build_script(command="true", job_name="slurmflow-preflight", job_dir=job_dir,
-                              options=sbatch_options(params, site_settings(cluster=cluster_of(params))))
+                              options=options(site_settings(cluster=cluster)))
     except ValueError as exc:  # a combination of Params, or an sbatch_extra value: bad input, no retry
         raise AirflowFailException(f"invalid Slurm resources: {exc}") from exc
     try:
@@ -225,12 +246,12 @@ def preflight() -> str:
     try:
         return hook.test_only(script.script_path)
     except SlurmSubmitError as exc:  # Slurm's "no" to these resources: a retry gets the same answer
-        raise AirflowFailException(f"Slurm would reject this job: {exc}") from exc
+        raise AirflowFailException(f"Slurm would reject this job{f' ({explain})' if explain else ''}: {exc}") from exc
     finally:
         hook.remove_tree(job_dir)
 
 
-def _stage_registry_auth(hook: Any) -> str:
+def stage_registry_auth(hook: Any) -> str:
     """Give the cluster user the registry credentials jobs pull with (mode-700 dir, mode-600 files)."""
     secrets = gather(SecretRefs(registry_conn_id="registry_default"))
     secrets.mask()
@@ -255,7 +276,7 @@ def job_spec(image: str, overrides: dict[str, Any] | None = None) -> dict[str, A
 
     params = {**get_current_context()["params"], **(overrides or {})}
     hook = _slurm_hook(params)
-    _stage_registry_auth(hook)
+    stage_registry_auth(hook)
     try:
         text = read_config(config_name(params))
     except ValueError as exc:
@@ -294,7 +315,7 @@ def sweep_job_spec(image: str, trials: list[dict[str, Any]], overrides: dict[str
 
     params = {**get_current_context()["params"], **(overrides or {})}
     hook = _slurm_hook(params)
-    _stage_registry_auth(hook)
+    stage_registry_auth(hook)
     site = site_settings(hook.home, cluster_of(params))
     runtime = params.get("container_runtime") or site.runtime
     cap = _site_value(cluster_variables(cluster_of(params)), "max_array_size", "")
@@ -315,8 +336,12 @@ def sweep_job_spec(image: str, trials: list[dict[str, Any]], overrides: dict[str
 
 
 @mlflow_task(task_id="register", **SERVICE_RETRIES)
-def register(job: dict[str, Any], image: str) -> dict[str, Any]:
-    """Copy the results off the cluster, then log + register them in MLflow (idempotent)."""
+def register(job: dict[str, Any], image: str, default_model: str | None = None) -> dict[str, Any]:
+    """Copy the results off the cluster, then log + register them in MLflow (idempotent).
+
+    :param default_model: the model's name when the ``model_name`` Param is empty (default
+        ``slurmflow-<config or task>``).
+    """
     from slurmflow.identity import JobIdentity
     from slurmflow.paths import SCRIPT_FILE_NAME
     from slurmflow.pipeline.results import collect
@@ -334,7 +359,7 @@ def register(job: dict[str, Any], image: str) -> dict[str, Any]:
         result = register_run(
             manifest, local, run_key=JobIdentity.from_dict(job["identity"]).run_key, job=job, image=image, sbatch_script=script,
             slurm=hook,
-            model_name=model_name_of(params),
+            model_name=params.get("model_name") or default_model or model_name_of(params),
             gpus_per_node=int(params.get("gpus_per_node") or 0),
             extra_tags={"airflow.dag_id": context["dag"].dag_id, "airflow.run_id": context["run_id"], **code,
                         **lineage_tags(parent)},

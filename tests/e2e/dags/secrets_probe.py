@@ -41,7 +41,7 @@ def probe_spec(image: str) -> dict[str, Any]:
 
     params = get_current_context()["params"]
     hook = tasks._slurm_hook()
-    tasks._stage_registry_auth(hook)
+    tasks.stage_registry_auth(hook)
     site = tasks.site_settings(hook.home)
     argv = ["sh", "-c", PROBE, "probe", *training_argv(params)]
     command = container_command("docker", image, argv, workdir="$SLURMFLOW_JOB_DIR", **container_options(params, site))
