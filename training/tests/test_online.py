@@ -213,6 +213,43 @@ def test_two_ddp_ranks_split_the_batches(staging_env, tmp_path):
     assert any(len(r[0]["batches"]) != len(r[1]["batches"]) for r in by_epoch.values())  # uneven: padded
 
 
+def test_the_data_module_records_how_long_it_waited_for_producers_and_fetched(staging_env, tmp_path):
+    import threading
+
+    import numpy as np
+
+    from hpctrain.data.online import OnlineDataModule
+    from hpctrain.staging import DatasetInfo, producer_prefix
+
+    store = _store()
+    prefix = producer_prefix(store.namespace, "producer", 0, 0)
+
+    def producer() -> None:  # late info, then a late first batch: the trainer waits for both
+        time.sleep(0.3)
+        store.publish_info(DatasetInfo(2, [4], "float32", "int64", [prefix], 8))
+        time.sleep(0.4)
+        store.put_batch(prefix, np.ones((5, 4), np.float32), np.zeros(5, np.int64), 8)
+        store.mark_done(prefix, 1)
+
+    thread = threading.Thread(target=producer)
+    dm = OnlineDataModule(cache_dir=str(tmp_path), poll_interval_s=0.02, producer_timeout_s=30)
+    thread.start()
+    try:
+        dm.setup("fit")
+        waited_for_info = dm.wait_s
+        dm._apply(dm._plan(), 0)
+        table = dm._local_table(1, 0, 0)
+    finally:
+        thread.join()
+    assert len(table) == 5 and dm.exhausted
+    assert 0.2 < waited_for_info < dm.wait_s < 30 and dm.wait_s > 0.6
+    assert dm.fetch_s > 0
+    data = dm.data_identity()
+    assert data["wait_s"] == round(dm.wait_s, 3) and data["fetch_s"] == round(dm.fetch_s, 3)
+    dm._apply(dm._plan(), 1)  # everything is there: no more waiting
+    assert dm.wait_s - data["wait_s"] < 1.0
+
+
 def test_no_store_address_is_a_config_error_and_a_dead_store_fails_fast(hpctrain, tmp_path, monkeypatch):
     from hpctrain.staging import StoreUnavailable
 

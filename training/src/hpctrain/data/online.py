@@ -20,6 +20,11 @@ no heartbeat for ``producer_timeout_s``: reported as a warning and in ``result.j
 Preemption: the checkpoint holds the cursor and the list of batches taken (``state_dict``); the
 batches themselves are in the job directory, so a requeued trainer rebuilds exactly the same data
 set, resumes its epoch, and continues at the cursor: nothing skipped, nothing repeated.
+
+Timing (this attempt, in ``result.json``'s ``data``): ``wait_s`` is how long rank 0 waited on the
+producers (for the data set's info in ``setup``, and for new batches at the start of each epoch);
+``fetch_s`` how long rank 0 took to download its share from the store and spool it. Set against
+``training.attempt_seconds``, they say how much of the run was spent waiting for data.
 """
 
 from __future__ import annotations
@@ -118,6 +123,9 @@ class OnlineDataModule(HpcDataModule):
         self.ingested_epoch = -1
         self._local: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._liveness: dict[str, tuple[int, int, float]] = {}
+        # Seconds of this attempt (not in the checkpoint): waiting on producers, downloading batches.
+        self.wait_s = 0.0
+        self.fetch_s = 0.0
 
     # -- setup ----------------------------------------------------------------------------------
     def check(self) -> None:
@@ -131,12 +139,14 @@ class OnlineDataModule(HpcDataModule):
             return
         address = StoreAddress.from_env(self.address)
         self.store = StagingStore.connect(address, self.namespace, self.connect_timeout_s)
-        deadline = time.monotonic() + self.producer_timeout_s
+        started = time.monotonic()
+        deadline = started + self.producer_timeout_s
         while (info := self.store.info()) is None:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"no producer published the data set info ({self.store.info_key}) "
                                    f"within {self.producer_timeout_s:g}s")
             time.sleep(self.poll_interval_s)
+        self.wait_s += time.monotonic() - started
         self.prefixes = list(self.producers_arg or info.producers)
         self.sample_shape, self.num_classes = list(info.sample_shape), int(info.num_classes)
         self.cursor = {p: self.cursor.get(p, 0) for p in self.prefixes}
@@ -206,6 +216,7 @@ class OnlineDataModule(HpcDataModule):
         """Rank 0: wait for new batches (or the end), then name them; see the module docstring."""
         assert self.store is not None
         dead = set(self.dead)
+        started = time.monotonic()
         while True:
             statuses = self.store.status(self.prefixes)
             now = time.monotonic()
@@ -226,6 +237,7 @@ class OnlineDataModule(HpcDataModule):
             if new or finished or (self.registry and (not self.wait_for_new or (latch and latch.triggered))):
                 break
             time.sleep(self.poll_interval_s)
+        self.wait_s += time.monotonic() - started
         new.sort()
         keys = [(self.prefixes[p], i) for i, p, _ in new]
         metas = self.store.metas(keys)
@@ -260,6 +272,7 @@ class OnlineDataModule(HpcDataModule):
         path = self._spool_path(prefix, iteration)
         if not path.exists():
             assert self.store is not None
+            started = time.monotonic()
             batch = self.store.get_batch(prefix, iteration)
             if batch is None:
                 raise RuntimeError(f"batch {iteration} of {prefix} is neither in the store nor in {path}")
@@ -268,6 +281,7 @@ class OnlineDataModule(HpcDataModule):
             np.savez(tmp, samples=batch.samples, labels=batch.labels)
             os.replace(tmp, path)  # kept before it is trimmed: a requeue finds it here
             self.store.trim(prefix, iteration)
+            self.fetch_s += time.monotonic() - started
             self._log(rank, {"g": g, "producer": prefix, "iteration": iteration, "n": batch.n, "rank": rank,
                              "epoch": epoch, "restart": environment.restart_count()}, "taken")
         with np.load(path) as data:
@@ -309,6 +323,7 @@ class OnlineDataModule(HpcDataModule):
             "cursor": dict(self.cursor), "dead_producers": list(self.dead), "all_producers_finished": self.exhausted,
             "staleness_p50_s": _quantile(staleness, 0.5), "staleness_p95_s": _quantile(staleness, 0.95),
             "sample_shape": list(self.sample_shape), "num_classes": self.num_classes,
+            "wait_s": round(self.wait_s, 3), "fetch_s": round(self.fetch_s, 3),
         }
 
 
