@@ -160,7 +160,7 @@ def online_metrics(data: Mapping[str, Any]) -> dict[str, float]:
            "online/dead_producers": len(data.get("dead_producers") or []),
            "online/staleness_p50_s": data.get("staleness_p50_s"),
            "online/staleness_p95_s": data.get("staleness_p95_s"),
-           "online/wait_fraction": data.get("wait_fraction")}
+           "online/wait_s": data.get("wait_s"), "online/fetch_s": data.get("fetch_s")}
     return {k: float(v) for k, v in out.items() if _number(v)}
 
 
