@@ -24,8 +24,13 @@ DAG = "online_training"
 
 
 def _rows(cluster, job_dir: str, kind: str) -> list[dict]:
-    out = cluster(f"cat {shlex.quote(job_dir)}/data/online/{kind}-rank*.jsonl 2>/dev/null || true")
-    return [json.loads(line) for line in out.splitlines() if line.strip()]
+    """Every row of the trainer's ``<kind>-rank<r>.jsonl`` files, each with its file's rank."""
+    out = cluster(f"grep -H . {shlex.quote(job_dir)}/data/online/{kind}-rank*.jsonl 2>/dev/null || true")
+    rows = []
+    for line in out.splitlines():
+        path, _, row = line.partition(".jsonl:")
+        rows.append({"rank": int(path.rsplit("rank", 1)[1]), **json.loads(row)})
+    return rows
 
 
 def _every_batch_once(cluster, job_dir: str, producers: int, rounds: int) -> list[dict]:
@@ -40,6 +45,15 @@ def _every_batch_once(cluster, job_dir: str, producers: int, rounds: int) -> lis
     return taken
 
 
+def _submitted(api, run_id: str) -> dict:
+    """The train task's job record once it is deferred on its Slurm job."""
+    def job():
+        ti = api.get(f"/dags/{DAG}/dagRuns/{run_id}/taskInstances/train")
+        return api.xcom(DAG, run_id, "train", key="slurm_job") if ti["state"] == "deferred" else None
+
+    return wait_until(job, FIRST_RUN_TIMEOUT, "train task deferred on its Slurm job", every=1)
+
+
 def _run(api, conf: dict, timeout: float = FIRST_RUN_TIMEOUT) -> tuple[str, dict]:
     api.wait_for_dag(DAG)
     run_id = api.trigger(DAG, conf={"model_name": f"e2e-online-{uuid.uuid4().hex[:6]}", **conf})["dag_run_id"]
@@ -52,8 +66,10 @@ def _assert_success(api, run_id: str, run: dict) -> None:
 
 
 def test_defaults_train_on_every_batch_once_and_the_model_tells_the_ranks_apart(api, cluster, mlflow_client,
-                                                                               catalog_db):
+                                                                               catalog_db, stack_env):
     import mlflow
+
+    mlflow.set_tracking_uri(stack_env["MLFLOW_TRACKING_URI"])
 
     started = time.monotonic()
     run_id, run = _run(api, {})
@@ -113,15 +129,14 @@ def test_a_killed_producer_is_reported_and_the_run_still_ends(api, cluster, cata
     api.wait_for_dag(DAG)
     run_id = api.trigger(DAG, conf={"model_name": f"e2e-online-{uuid.uuid4().hex[:6]}", "rounds": 60,
                                     "interval_s": 0.5, "producer_timeout_s": 10})["dag_run_id"]
-    job = wait_until(lambda: api.xcom(DAG, run_id, "train", key="slurm_job"), FIRST_RUN_TIMEOUT,
-                     "train task submitted", every=1)
+    job = _submitted(api, run_id)
     job_dir = job["job_dir"]
     wait_until(lambda: len(_rows(cluster, job_dir, "taken")) >= 8, 300, "the trainer took its first batches")
     # producer rank 1 (replica 0, rank 1) dies: its container is killed like a crashed simulation
-    fmt = shlex.quote('{{.Id}} {{join .Config.Cmd " "}} {{range .Config.Env}}{{.}} {{end}}')
+    fmt = shlex.quote("{{.Id}} {{json .Config.Cmd}} {{json .Config.Env}}")
     killed = cluster(
         f"for c in $(docker ps -q --filter label=slurmflow.slurm_job_id={job['job_id']}); do "
-        f"docker inspect -f {fmt} $c; done | grep ' produce ' | grep 'SLURM_PROCID=1 ' | cut -d' ' -f1 "
+        f"docker inspect -f {fmt} $c; done | grep '\"produce\"' | grep '\"SLURM_PROCID=1\"' | cut -d' ' -f1 "
         "| xargs -r docker kill").split()
     assert len(killed) == 1, killed
     run = api.wait_for_run(DAG, run_id, timeout=600)
@@ -140,18 +155,17 @@ def test_a_killed_producer_is_reported_and_the_run_still_ends(api, cluster, cata
 def test_a_preempted_job_resumes_from_the_cursor_without_repeating_or_skipping(api, cluster):
     api.wait_for_dag(DAG)
     run_id = api.trigger(DAG, conf={"model_name": f"e2e-online-{uuid.uuid4().hex[:6]}", "partition": "spot",
-                                    "mem_per_cpu": "1024M", "rounds": 40, "interval_s": 0.5})["dag_run_id"]
-    job = wait_until(lambda: api.xcom(DAG, run_id, "train", key="slurm_job"), FIRST_RUN_TIMEOUT,
-                     "train task submitted", every=1)
+                                    "mem_per_cpu": "1024M", "rounds": 120, "interval_s": 0.5})["dag_run_id"]
+    job = _submitted(api, run_id)
     job_id, job_dir = str(job["job_id"]), job["job_dir"]
-    wait_until(lambda: cluster(f"test -e {shlex.quote(job_dir)}/checkpoints/last.ckpt && echo yes || true").strip()
-               and len(_rows(cluster, job_dir, "taken")) >= 12, 300, "the trainer checkpointed past its first batches")
+    # the trainer checkpoints on the preemption signal itself (cursor included): no epoch-end checkpoint needed
+    wait_until(lambda: len(_rows(cluster, job_dir, "taken")) >= 12, 300, "the trainer took its first batches")
     preempt(cluster, job_id, 0, node=job_node(cluster, job_id), train_mem_mb=6 * 1024)
     run = api.wait_for_run(DAG, run_id, timeout=900)
     _assert_success(api, run_id, run)
     result = api.xcom(DAG, run_id, "train")
     assert result["job_id"] == job_id and result["restarts"] == 1
-    taken = _every_batch_once(cluster, job_dir, producers=4, rounds=40)
+    taken = _every_batch_once(cluster, job_dir, producers=4, rounds=120)
     assert {r["restart"] for r in taken} == {0, 1}
     manifest = json.loads(cluster(f"cat {shlex.quote(job_dir)}/result.json"))
     assert manifest["training"]["resumed_from"] == "checkpoints/last.ckpt"

@@ -135,7 +135,10 @@ def online_job(params: Mapping[str, Any], image: str, site: Site, config_text: s
         f'export {STAGING_ADDRESS}="$(cat {staging}/address)"',
         f'echo "[slurmflow] staging store at ${STAGING_ADDRESS}"',
         *_background("producer", component(producer_argv(params), [*_step(counts["producers"], cpus), "--label"])),
-        component(trainer_argv(params),
-                  [*_step(counts["trainer"], cpus), f"--wait={RANKS_EXIT_WAIT_S}"]).rstrip("\n"),
+        # the trainer's ranks on one node, and said so: Lightning's SLURMEnvironment refuses a bare
+        # --ntasks above 1 (it reads the world from SLURM_NTASKS_PER_NODE)
+        component(trainer_argv(params), [*_step(counts["trainer"], cpus), "--nodes=1",
+                                         f"--ntasks-per-node={counts['trainer']}",
+                                         f"--wait={RANKS_EXIT_WAIT_S}"]).rstrip("\n"),
     ]
     return {"command": "\n".join(lines) + "\n", "sbatch_options": sbatch_options(params, site), "runtime": runtime}
