@@ -16,6 +16,7 @@ import uuid
 import numpy as np
 import pytest
 
+from scripts.airflow_api import AirflowAPIError
 from tests.e2e.helpers import FIRST_RUN_TIMEOUT, preempt, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -176,3 +177,29 @@ def test_a_preempted_job_resumes_from_the_cursor_without_repeating_or_skipping(a
 
 def job_node(cluster, job_id: str) -> str:
     return cluster(f"squeue -h -j {job_id} -o %N").strip().split(",")[0] or "local1"
+
+
+@pytest.mark.parametrize("conf, reason", [
+    ({"ranks_per_replica": 1}, "ranks_per_replica"),  # one rank = one class: nothing to learn
+    ({"interval_s": -1}, "interval_s"),
+    ({"trainer_ranks": 0}, "trainer_ranks"),
+    ({"mem_per_cpu": "1G; id"}, "mem_per_cpu"),
+])
+def test_bad_params_are_refused_at_trigger_time(api, conf, reason):
+    api.wait_for_dag(DAG)
+    before = api.get(f"/dags/{DAG}/dagRuns?limit=1")["total_entries"]
+    with pytest.raises(AirflowAPIError) as err:
+        api.trigger(DAG, conf=conf)
+    assert err.value.status == 400 and reason in str(err.value.detail), err.value
+    assert api.get(f"/dags/{DAG}/dagRuns?limit=1")["total_entries"] == before
+
+
+def test_an_ensemble_larger_than_the_partition_fails_at_preflight_and_submits_nothing(api, cluster):
+    since = cluster("date +%Y-%m-%dT%H:%M:%S").strip()
+    run_id, run = _run(api, {"replicas": 8, "ranks_per_replica": 4, "cpus_per_task": 1})
+    states = {t["task_id"]: t["state"] for t in api.task_instances(DAG, run_id)}
+    assert run["state"] == "failed" and states["preflight"] == "failed" and states["train"] != "success", states
+    log = api.task_log(DAG, run_id, "preflight")
+    assert "1 store + 8 x 4 producers + 1 trainer rank(s) = 34 tasks of 1 CPU(s)" in log, log[-2000:]
+    submitted = cluster(f"sacct -n -X -P -S {since} -o jobid,submit").split()
+    assert [row for row in submitted if row.split("|")[-1] >= since] == [], "nothing was submitted"

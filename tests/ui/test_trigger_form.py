@@ -40,6 +40,28 @@ def test_trigger_form_is_submittable_with_its_defaults(ui, api, dag_id):
     save_page(ui, f"form-{dag_id}")
 
 
+def test_online_training_form_takes_its_defaults_and_keeps_the_ensemble_in_bounds(ui, api):
+    """online_training's own fields: the defaults submit; an ensemble of 1-rank replicas (fewer than
+    two classes) or beyond the schema's maximum cannot even be typed (the REST API answers 400 for
+    them: tests/e2e/test_online_training.py), and nothing is triggered."""
+    api.wait_for_dag("online_training")
+    before = api.get("/dags/online_training/dagRuns?limit=1")["total_entries"]
+    ui.open_trigger_form("online_training")
+    assert ui.sections_in_error() == [] and ui.invalid_fields() == []
+    assert ui.submit_button().get_attribute("disabled") is None, "Trigger is disabled with the defaults"
+    for name, value in (("ranks_per_replica", "2"), ("replicas", "2"), ("trainer_ranks", "1")):
+        ui.reveal(name)
+        assert ui.field(name).get_attribute("value") == value
+    # number fields hold to the schema's bounds: a value outside them is clamped as the field is left
+    for name, typed, kept in (("ranks_per_replica", "1", "2"), ("replicas", "100000", "256")):
+        ui.reveal(name)
+        ui.type_into(name, typed)
+        assert ui.field(name).get_attribute("value") == kept, f"{name}={typed} was not clamped to {kept}"
+    assert ui.sections_in_error() == [] and ui.invalid_fields() == []
+    save_page(ui, "form-online_training-clamped")
+    assert api.get("/dags/online_training/dagRuns?limit=1")["total_entries"] == before
+
+
 def test_sweep_form_in_backfill_mode_keeps_its_params_valid(ui, api):
     api.wait_for_dag("hparam_sweep")
     ui.open_trigger_form("hparam_sweep")
