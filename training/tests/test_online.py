@@ -151,7 +151,10 @@ def test_a_requeued_job_restarts_its_producers_at_the_cursor(staging_env, tmp_pa
     trainer = _fit_process(job, staging_env)
     producers = _producers(staging_env, rounds=10, interval=0.4, extra=["--max-buffered-batches=8"])
     deadline = time.monotonic() + 120
-    while len(_rows(job, "taken") if (job / "data" / "online").exists() else []) < 6:
+    attempts = job / ".hpctrain" / "attempts.json"
+    # past start-up (a signal before the first step saves no checkpoint: see the spool test below)
+    while len(_rows(job, "taken") if (job / "data" / "online").exists() else []) < 6 or not (
+            attempts.exists() and '"running"' in attempts.read_text()):
         assert trainer.poll() is None and time.monotonic() < deadline, trainer.communicate()[0]
         time.sleep(0.05)
     trainer.send_signal(signal.SIGUSR2)
@@ -211,6 +214,38 @@ def test_two_ddp_ranks_split_the_batches(staging_env, tmp_path):
         assert a["samples"] + a["padding"] == b["samples"] + b["padding"]  # same steps on both ranks
     assert max(by_epoch) >= 4 and m["data"]["batches_consumed"] == 15
     assert any(len(r[0]["batches"]) != len(r[1]["batches"]) for r in by_epoch.values())  # uneven: padded
+
+
+def test_batches_taken_by_an_attempt_that_stopped_before_any_checkpoint_come_from_the_spool(staging_env,
+                                                                                              tmp_path):
+    """The preemption signal during start-up (after the first epoch's batches were taken and
+    trimmed from the store, before the first step) stops the trainer without a checkpoint: the
+    next attempt starts at cursor 0, and takes those batches from the job directory's spool."""
+    import numpy as np
+
+    from hpctrain.data.online import OnlineDataModule
+    from hpctrain.staging import DatasetInfo, producer_prefix
+
+    store = _store()
+    prefix = producer_prefix(store.namespace, "producer", 0, 0)
+    store.publish_info(DatasetInfo(2, [4], "float32", "int64", [prefix], 8))
+    for i in range(3):
+        store.put_batch(prefix, np.full((5, 4), i, np.float32), np.zeros(5, np.int64), 8)
+    first = OnlineDataModule(cache_dir=str(tmp_path), poll_interval_s=0.02, producer_timeout_s=30)
+    first.setup("fit")
+    first._apply(first._plan(), 0)
+    first._local_table(1, 0, 0)  # spooled and trimmed; then the attempt stops, no checkpoint
+    assert store.stored_batches() == 0
+    store.put_batch(prefix, np.full((5, 4), 3, np.float32), np.zeros(5, np.int64), 8)
+    store.mark_done(prefix, 4)
+
+    second = OnlineDataModule(cache_dir=str(tmp_path), poll_interval_s=0.02, producer_timeout_s=30)
+    second.setup("fit")
+    second._apply(second._plan(), 0)
+    table = second._local_table(1, 0, 0)
+    assert len(table) == 20 and second.exhausted and second.cursor == {prefix: 4}
+    assert sorted({float(v) for v in table.tensors[0][:, 0]}) == [0.0, 1.0, 2.0, 3.0]
+    assert store.stored_batches() == 0
 
 
 def test_the_data_module_records_how_long_it_waited_for_producers_and_fetched(staging_env, tmp_path):

@@ -243,6 +243,8 @@ class OnlineDataModule(HpcDataModule):
         metas = self.store.metas(keys)
         rows = []
         for (prefix, iteration), meta in zip(keys, metas, strict=True):
+            if meta is None:  # an earlier attempt took (spooled, trimmed) it, then stopped before a checkpoint
+                meta = self._spooled_meta(prefix, iteration)
             if meta is None:
                 raise RuntimeError(f"batch {iteration} of {prefix} is gone from the store before it was taken")
             rows.append([self.prefixes.index(prefix), iteration, int(meta["n"]), float(meta["put_time"])])
@@ -266,6 +268,19 @@ class OnlineDataModule(HpcDataModule):
     def _spool_path(self, prefix: str, iteration: int) -> Path:
         return self.spool / prefix.replace(":", "_") / f"{iteration:08d}.npz"
 
+    def _spooled_meta(self, prefix: str, iteration: int) -> dict[str, Any] | None:
+        """``n`` and ``put_time`` of a batch kept in the job directory, or None.
+
+        The spool, not the store, is where a taken batch lives: the store copy is trimmed as soon
+        as the spool has it, and a preemption signal during start-up stops the trainer before any
+        checkpoint recorded the taking (PreemptionCallback saves nothing then)."""
+        path = self._spool_path(prefix, iteration)
+        if not path.exists():
+            return None
+        with np.load(path) as data:
+            put_time = float(data["put_time"]) if "put_time" in data.files else time.time()
+            return {"n": int(data["labels"].shape[0]), "put_time": put_time}
+
     def _fetch(self, g: int, rank: int, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
         row = self.registry[g]
         prefix, iteration = self.prefixes[row[_P]], int(row[_IT])
@@ -278,12 +293,16 @@ class OnlineDataModule(HpcDataModule):
                 raise RuntimeError(f"batch {iteration} of {prefix} is neither in the store nor in {path}")
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.stem}.{os.getpid()}.npz")
-            np.savez(tmp, samples=batch.samples, labels=batch.labels)
+            np.savez(tmp, samples=batch.samples, labels=batch.labels, put_time=np.float64(batch.put_time))
             os.replace(tmp, path)  # kept before it is trimmed: a requeue finds it here
             self.store.trim(prefix, iteration)
             self.fetch_s += time.monotonic() - started
             self._log(rank, {"g": g, "producer": prefix, "iteration": iteration, "n": batch.n, "rank": rank,
                              "epoch": epoch, "restart": environment.restart_count()}, "taken")
+        elif self.store is not None:
+            # A requeued job's producers may have put it again (no checkpoint held its cursor):
+            # the spool's copy is used, the store's trimmed so it does not count against the buffer.
+            self.store.trim(prefix, iteration)
         with np.load(path) as data:
             return torch.from_numpy(data["samples"].copy()), torch.from_numpy(data["labels"].copy())
 
