@@ -194,7 +194,7 @@ def validate_environment(env: Mapping[str, Any] | None, what: str = "environment
     return result
 
 
-def _signal_name(signal_option: str | None) -> str | None:
+def forwarded_signal(signal_option: str | None) -> str | None:
     """The signal the batch shell must forward to the job's processes (``B:`` signals only)."""
     if not signal_option:
         return None
@@ -371,7 +371,7 @@ def render_script(
         workdir=script.workdir,
         environment=sorted(script.environment.items()),
         secrets_path=script.secrets_path,
-        forward_signal=_signal_name(script.options.get("signal")),
+        forward_signal=forwarded_signal(script.options.get("signal")),
         setup=script.setup.strip(),
         command=script.command.strip(),
     )

@@ -50,6 +50,23 @@ def test_the_command_runs_store_producers_and_trainer_as_steps_with_their_own_cp
     assert lines[-1] == trainer
     assert any(line.startswith("trap 'kill -TERM -- ${sf_producer:+-$sf_producer} ${sf_store:+-$sf_store}")
                for line in lines)
+    assert "trap : USR2" in lines  # the shell outlives the forwarded preemption signal (the trainer's)
+
+
+def test_the_command_shell_outlives_the_preemption_signal_and_returns_the_trainers_status(tmp_path):
+    """What the batch template does on preemption, with the fragment's shell lines around a
+    stand-in trainer: the signal goes to the command's whole process group; the trainer traps it,
+    "checkpoints" and exits 75; that must be the command's status (not 128+12: the shell killed)."""
+    job = online_job(defaults(), IMAGE, SITE)
+    lines = job["command"].splitlines()
+    shell = [line for line in lines if line.startswith("trap ")]
+    trainer = "python3 -c 'import signal,sys,time; signal.signal(signal.SIGUSR2, lambda *a: sys.exit(75)); " \
+              "open(sys.argv[1], \"w\").close(); time.sleep(30)' " + str(tmp_path / "ready")
+    script = "\n".join(["set -m", "(", *shell, trainer, ") &", "child=$!",
+                        f"until [ -e {tmp_path / 'ready'} ]; do sleep 0.05; done",
+                        'kill -s USR2 -- "-$child"', 'wait "$child"', "echo status=$?"])
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60).stdout
+    assert "status=75" in out, out
 
 
 def test_the_rendered_script_is_valid_bash():

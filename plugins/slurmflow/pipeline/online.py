@@ -31,6 +31,7 @@ from typing import Any
 from slurmflow.pipeline.experiments import STAGED_CONFIG, read_config, stage_config_lines
 from slurmflow.pipeline.jobs import HPCTRAIN, PREEMPT_SIGNAL, RANKS_EXIT_WAIT_S, Site, container_options
 from slurmflow.runtimes import container_command
+from slurmflow.sbatch import forwarded_signal
 
 #: the trainer's experiment config (in a subfolder: train_model's ``config`` Param does not offer it)
 ONLINE_CONFIG = "online/online"
@@ -135,10 +136,17 @@ def online_job(params: Mapping[str, Any], image: str, site: Site, config_text: s
         f'export {STAGING_ADDRESS}="$(cat {staging}/address)"',
         f'echo "[slurmflow] staging store at ${STAGING_ADDRESS}"',
         *_background("producer", component(producer_argv(params), [*_step(counts["producers"], cpus), "--label"])),
-        # the trainer's ranks on one node, and said so: Lightning's SLURMEnvironment refuses a bare
-        # --ntasks above 1 (it reads the world from SLURM_NTASKS_PER_NODE)
-        component(trainer_argv(params), [*_step(counts["trainer"], cpus), "--nodes=1",
-                                         f"--ntasks-per-node={counts['trainer']}",
-                                         f"--wait={RANKS_EXIT_WAIT_S}"]).rstrip("\n"),
     ]
+    # the trainer's ranks on one node, and said so: Lightning's SLURMEnvironment refuses a bare
+    # --ntasks above 1 (it reads the world from SLURM_NTASKS_PER_NODE)
+    trainer = component(trainer_argv(params), [*_step(counts["trainer"], cpus), "--nodes=1",
+                                               f"--ntasks-per-node={counts['trainer']}",
+                                               f"--wait={RANKS_EXIT_WAIT_S}"]).rstrip("\n").split("\n")
+    # The batch shell forwards the preemption signal to this shell's process group. Its EXIT trap
+    # keeps this shell from exec'ing the trainer's srun away, so the shell is in that group too and
+    # died of the signal while the trainer checkpointed (the job was requeued before the checkpoint
+    # was written: e2e). A no-op handler, set just before the trainer runs (a signal during the image
+    # pull still ends the shell: the template requeues that), keeps it alive; the trainer's status is
+    # the command's. Handlers are not inherited by the processes it starts.
+    lines += [*trainer[:-1], f"trap : {forwarded_signal(PREEMPT_SIGNAL)}", trainer[-1]]
     return {"command": "\n".join(lines) + "\n", "sbatch_options": sbatch_options(params, site), "runtime": runtime}
