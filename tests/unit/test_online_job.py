@@ -106,3 +106,36 @@ def test_each_submission_gets_a_fresh_store_password_that_never_becomes_a_templa
     assert first.values() != second.values() and len(first.values()[0]) >= 40
     assert op.secret_environment == {}
     assert first.values()[0] not in repr(first)
+
+
+def test_a_store_that_does_not_come_up_ends_the_job_at_once_with_the_reason(tmp_path):
+    """The command itself (runtime ``none``), with an ``srun`` that just runs its command and a
+    redis-server that dies at start: ``hpctrain store`` reports it, the command stops before any
+    producer or trainer, exit 1, in seconds (not the 60 s start timeout, and no hang)."""
+    import sys
+    import time
+    from pathlib import Path
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
+    (bin_dir / "redis-server").write_text("#!/bin/sh\necho 'FATAL: cannot allocate' >&2\nexit 1\n")
+    (bin_dir / "python").write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')  # this venv's, by path
+    for name in ("srun", "redis-server", "python"):
+        (bin_dir / name).chmod(0o755)
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    command = online_job(defaults(container_runtime="none"), None, SITE)["command"]  # none: python on PATH
+    training_src = Path(__file__).resolve().parents[2] / "training" / "src"
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "SLURMFLOW_JOB_DIR": str(job_dir), "HPCTRAIN_JOB_DIR": str(job_dir),
+           "SLURMD_NODENAME": "localhost", "SLURMFLOW_STAGING_PASSWORD": "p" * 32, "PYTHONPATH": str(training_src),
+           "SLURM_JOB_ID": "7"}
+    started = time.monotonic()
+    out = subprocess.run(["bash", "-c", command], cwd=job_dir, env=env, capture_output=True, text=True, timeout=120)
+    text = out.stdout + out.stderr
+    assert out.returncode == 1, text
+    assert "[store] hpctrain store: the staging store did not come up" in text and "exited before it answered" in text
+    assert "[slurmflow] the staging store did not come up" in text
+    assert "[producer]" not in text and "hpctrain fit" not in text
+    assert time.monotonic() - started < 45
+    assert not (job_dir / ".staging" / "address").exists()
