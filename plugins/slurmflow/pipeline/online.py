@@ -28,6 +28,12 @@ import shlex
 from collections.abc import Mapping
 from typing import Any
 
+# The training package's own names (it is installed beside the plugins: preflight's config check
+# imports it too): the variables the components read, the file the store writes its address to.
+from hpctrain.staging import ADDRESS_ENV as STAGING_ADDRESS
+from hpctrain.staging import NAMESPACE_ENV as STAGING_NAMESPACE
+from hpctrain.staging import PASSWORD_ENV as STAGING_PASSWORD
+from hpctrain.store import ADDRESS_FILE
 from slurmflow.pipeline.experiments import STAGED_CONFIG, read_config, stage_config_lines
 from slurmflow.pipeline.jobs import HPCTRAIN, PREEMPT_SIGNAL, RANKS_EXIT_WAIT_S, Site, container_options
 from slurmflow.runtimes import container_command
@@ -37,9 +43,6 @@ from slurmflow.sbatch import forwarded_signal
 ONLINE_CONFIG = "online/online"
 #: the store's folder in the job directory (mode 700): its address file
 STAGING_DIR = ".staging"
-#: the staging variables every component's container receives by name (hpctrain.staging's names)
-STAGING_ADDRESS, STAGING_NAMESPACE, STAGING_PASSWORD = (
-    "SLURMFLOW_STAGING_ADDRESS", "SLURMFLOW_STAGING_NAMESPACE", "SLURMFLOW_STAGING_PASSWORD")
 
 
 def task_counts(params: Mapping[str, Any]) -> dict[str, int]:
@@ -121,19 +124,19 @@ def online_job(params: Mapping[str, Any], image: str, site: Site, config_text: s
         *stage_config_lines(config_text or read_config(ONLINE_CONFIG)),
         "# slurmflow online training: the store, the producers and the trainer as steps of this allocation",
         f'export {STAGING_NAMESPACE}="job-${{SLURM_JOB_ID:-0}}"',
-        f"mkdir -p {staging} && chmod 700 {staging} && rm -f {staging}/address || exit 1",
+        f"mkdir -p {staging} && chmod 700 {staging} && rm -f {staging}/{ADDRESS_FILE} || exit 1",
         # stop whatever still runs when this ends (the trainer's end, a failed start, a signal)
         "trap 'kill -TERM -- ${sf_producer:+-$sf_producer} ${sf_store:+-$sf_store} 2>/dev/null' EXIT",
         *_background("store", component([*HPCTRAIN, "store", "--dir", STAGING_DIR],  # relative: the job dir is the workdir
                                         _step(counts["store"], cpus))),
-        f"until [ -s {staging}/address ]; do",
+        f"until [ -s {staging}/{ADDRESS_FILE} ]; do",
         '  if ! kill -0 "$sf_store" 2>/dev/null; then',
         '    echo "[slurmflow] the staging store did not come up (its lines above, marked [store]): no training"',
         "    exit 1",
         "  fi",
         "  sleep 0.5",
         "done",
-        f'export {STAGING_ADDRESS}="$(cat {staging}/address)"',
+        f'export {STAGING_ADDRESS}="$(cat {staging}/{ADDRESS_FILE})"',
         f'echo "[slurmflow] staging store at ${STAGING_ADDRESS}"',
         *_background("producer", component(producer_argv(params), [*_step(counts["producers"], cpus), "--label"])),
     ]
