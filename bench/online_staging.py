@@ -6,13 +6,14 @@ config file and password file, never on a command line), and measures, side by s
 1. **Store -> trainer throughput.** ``--producers`` x ``--batches`` batches of ``--batch-size``
    samples x ``--features`` float32 values (``hpctrain.produce.reference_batch``, int64 labels)
    are put into the store (untimed), then fetched the way the trainer does at the start of an
-   epoch: ``OnlineDataModule.train_dataloader()`` (plan, download every batch with
-   ``StagingStore.get_batch``, spool it to the job's ``data/online``, trim it from the store,
-   load it back, build the epoch's tensor table). Against: the same arrays written to one local
+   epoch: ``OnlineDataModule.train_dataloader()`` (plan, download the rank's new batches in one
+   pipelined round trip, ``StagingStore.get_batches``, spool each to the job's ``data/online``,
+   trim them all in a second round trip, build the epoch's tensor table). Against: the same arrays written to one local
    Parquet file (a column per feature, and the label), read with ``pandas.read_parquet`` into
    the same tensors (what ``TabularDataModule`` does). A third figure, ``store get only``, is
-   ``StagingStore.get_batch`` for every batch and nothing else (no spool, no trim): it shows how
-   much of the product path is the round trips. Variants alternate within each repeat; each
+   ``StagingStore.get_batch`` for every batch, one round trip each, and nothing else (no spool,
+   no trim). Before the pipelined fetch (commit 2cdb3d7: a get, a trim and a reload from the spool
+   per batch) the product path took 0.214 s here, Parquet 19.7x faster; after, 0.058-0.060 s, 4.3-5.4x. Variants alternate within each repeat; each
    repeat fills a fresh namespace. MB are 10^6 bytes of samples + labels.
 
 2. **Staleness and data waits of a real online training.** Producers as ``python -m hpctrain

@@ -164,6 +164,13 @@ class Batch:
         return int(self.samples.shape[0])
 
 
+def _batch(raw: Mapping[bytes, bytes]) -> Batch:
+    meta = json.loads(raw[b"meta"])
+    samples = np.frombuffer(raw[b"samples"], dtype=meta["dtype"]).reshape(meta["shape"])
+    labels = np.frombuffer(raw[b"labels"], dtype=meta["label_dtype"]).reshape(meta["label_shape"])
+    return Batch(samples.copy(), labels.copy(), float(meta["put_time"]))
+
+
 class StagingStore:
     """Client of the staging store (one Redis connection).
 
@@ -304,17 +311,27 @@ class StagingStore:
 
     def get_batch(self, prefix: str, iteration: int) -> Batch | None:
         """Batch ``iteration`` of ``prefix``, or None when it is not (or no longer) stored."""
-        raw = self.client.hgetall(self.batch_key(prefix, iteration))
-        if not raw:
-            return None
-        meta = json.loads(raw[b"meta"])
-        samples = np.frombuffer(raw[b"samples"], dtype=meta["dtype"]).reshape(meta["shape"])
-        labels = np.frombuffer(raw[b"labels"], dtype=meta["label_dtype"]).reshape(meta["label_shape"])
-        return Batch(samples.copy(), labels.copy(), float(meta["put_time"]))
+        return self.get_batches([(prefix, iteration)])[0]
+
+    def get_batches(self, keys: Sequence[tuple[str, int]]) -> list[Batch | None]:
+        """Each ``(prefix, iteration)``'s batch (None: not stored), in one round trip."""
+        pipe = self.client.pipeline(transaction=False)
+        for prefix, iteration in keys:
+            pipe.hgetall(self.batch_key(prefix, iteration))
+        return [_batch(raw) if raw else None for raw in pipe.execute()]
 
     def trim(self, prefix: str, iteration: int) -> bool:
         """Delete a consumed batch; False when it was already gone."""
-        return int(self._trim(keys=[self.batch_key(prefix, iteration), self.buffered_key])) >= 0
+        return self.trim_many([(prefix, iteration)]) == 1
+
+    def trim_many(self, keys: Sequence[tuple[str, int]]) -> int:
+        """Delete consumed batches in one round trip; how many were still there."""
+        if not keys:
+            return 0
+        pipe = self.client.pipeline(transaction=False)
+        for prefix, iteration in keys:
+            self._trim(keys=[self.batch_key(prefix, iteration), self.buffered_key], client=pipe)
+        return sum(1 for left in pipe.execute() if int(left) >= 0)
 
     def buffered(self) -> int:
         return int(self.client.get(self.buffered_key) or 0)

@@ -281,36 +281,46 @@ class OnlineDataModule(HpcDataModule):
             put_time = float(data["put_time"]) if "put_time" in data.files else time.time()
             return {"n": int(data["labels"].shape[0]), "put_time": put_time}
 
-    def _fetch(self, g: int, rank: int, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        row = self.registry[g]
-        prefix, iteration = self.prefixes[row[_P]], int(row[_IT])
-        path = self._spool_path(prefix, iteration)
-        if not path.exists():
-            assert self.store is not None
-            started = time.monotonic()
-            batch = self.store.get_batch(prefix, iteration)
+    def _fetch(self, owned: list[int], rank: int, epoch: int) -> None:
+        """Bring this rank's batches ``owned`` into memory: from the spool when a copy is there,
+        else from the store in one round trip, each kept in the spool before the store's copy is
+        trimmed (one more round trip for all of them)."""
+        assert self.store is not None
+        todo: list[tuple[int, str, int, Path]] = []
+        trims: list[tuple[str, int]] = []
+        for g in owned:
+            row = self.registry[g]
+            prefix, iteration = self.prefixes[row[_P]], int(row[_IT])
+            path = self._spool_path(prefix, iteration)
+            if path.exists():
+                with np.load(path) as data:
+                    self._local[g] = (torch.from_numpy(data["samples"].copy()), torch.from_numpy(data["labels"].copy()))
+                # A requeued job's producers may have put it again (no checkpoint held its cursor):
+                # the spool's copy is used, the store's trimmed so it does not count against the buffer.
+                trims.append((prefix, iteration))
+            else:
+                todo.append((g, prefix, iteration, path))
+        started = time.monotonic()
+        batches = self.store.get_batches([(prefix, iteration) for _, prefix, iteration, _ in todo])
+        for (g, prefix, iteration, path), batch in zip(todo, batches, strict=True):
             if batch is None:
                 raise RuntimeError(f"batch {iteration} of {prefix} is neither in the store nor in {path}")
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.stem}.{os.getpid()}.npz")
             np.savez(tmp, samples=batch.samples, labels=batch.labels, put_time=np.float64(batch.put_time))
             os.replace(tmp, path)  # kept before it is trimmed: a requeue finds it here
-            self.store.trim(prefix, iteration)
+            self._local[g] = (torch.from_numpy(batch.samples), torch.from_numpy(batch.labels))
+            trims.append((prefix, iteration))
+        self.store.trim_many(trims)
+        if todo:
             self.fetch_s += time.monotonic() - started
-            self._log(rank, {"g": g, "producer": prefix, "iteration": iteration, "n": batch.n, "rank": rank,
-                             "epoch": epoch, "restart": environment.restart_count()}, "taken")
-        elif self.store is not None:
-            # A requeued job's producers may have put it again (no checkpoint held its cursor):
-            # the spool's copy is used, the store's trimmed so it does not count against the buffer.
-            self.store.trim(prefix, iteration)
-        with np.load(path) as data:
-            return torch.from_numpy(data["samples"].copy()), torch.from_numpy(data["labels"].copy())
+        for g, prefix, iteration, _ in todo:
+            self._log(rank, {"g": g, "producer": prefix, "iteration": iteration, "n": int(self.registry[g][_N]),
+                             "rank": rank, "epoch": epoch, "restart": environment.restart_count()}, "taken")
 
     def _local_table(self, world: int, rank: int, epoch: int) -> TensorTable:
         owned = [g for g in range(len(self.registry)) if g % world == rank]
-        for g in owned:
-            if g not in self._local:
-                self._local[g] = self._fetch(g, rank, epoch)
+        self._fetch([g for g in owned if g not in self._local], rank, epoch)
         shares = [sum(int(r[_N]) for g, r in enumerate(self.registry) if g % world == k) for k in range(world)]
         xs = [self._local[g][0].reshape(-1, *self.sample_shape).float() for g in owned]
         ys = [self._local[g][1].long() for g in owned]
