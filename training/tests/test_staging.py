@@ -64,6 +64,19 @@ def test_info_once_batches_round_trip_and_trim(store):
     assert (status.put, status.done) == (3, 3) and status.heartbeat >= 3
     assert store.trim(prefix, 0) is True and store.trim(prefix, 0) is False  # idempotent
     assert store.buffered() == 2 and store.get_batch(prefix, 0) is None
+    # many at once (one round trip each way): a missing batch is None, a missing trim not counted
+    batches = store.get_batches([(prefix, 0), (prefix, 1), (prefix, 2)])
+    assert batches[0] is None and all(np.array_equal(b.samples, x) for b in batches[1:])
+    assert store.trim_many([(prefix, 0), (prefix, 1), (prefix, 2)]) == 2 and store.trim_many([]) == 0
+    assert store.buffered() == 0 and store.stored_batches() == 0
+
+
+def test_start_at_moves_a_producers_numbering_forward_only(store):
+    prefix = producer_prefix(store.namespace, "producer", 1, 0)
+    assert store.start_at(prefix, 4) == 4
+    x, y = np.zeros((2, 3), np.float32), np.zeros(2, np.int64)
+    assert store.put_batch(prefix, x, y, 8) == 4  # numbered from the cursor
+    assert store.start_at(prefix, 2) == 5  # never backwards
 
 
 def test_backpressure_bound_is_exact_under_concurrent_producers(store):
