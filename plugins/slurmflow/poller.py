@@ -8,9 +8,9 @@ connection, and hands each subscription its :class:`PollUpdate`.
 
 The interval follows :func:`slurmflow.wait.next_interval` (2 s -> 60 s while nothing changes,
 back to the minimum on any state change), with jitter so that many triggerers do not poll in
-lockstep. After ``failure_limit`` consecutive failed rounds
-(unreachable host, Slurm errors, unreadable output) every subscriber gets an error update
-naming the cause, so no trigger waits forever.
+lockstep. After ``failure_limit`` consecutive failed rounds spanning ``failure_patience``
+seconds (unreachable host, Slurm errors, unreadable output; :func:`slurmflow.wait.out_of_patience`)
+every subscriber gets an error update naming the cause, so no trigger waits forever.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from slurmflow.logs import LogChunk, LogRead
 from slurmflow.parsing import SlurmParseError
 from slurmflow.status import JobSnapshot, ResolveOptions
 from slurmflow.versions import UnsupportedSlurmVersion
-from slurmflow.wait import LogFollower, next_interval, state_changed
+from slurmflow.wait import LogFollower, next_interval, out_of_patience, state_changed
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,7 @@ class Subscription:
     min_interval: float = 2.0
     max_interval: float = 60.0
     failure_limit: int = 6
+    failure_patience: float = 600.0
     queue: asyncio.Queue[PollUpdate] = field(default_factory=asyncio.Queue)
     last: JobSnapshot | None = None
 
@@ -115,6 +116,7 @@ class ClusterPoller:
         self.interval: float | None = None
         self.rounds = 0
         self.failures = 0
+        self.failing_since: float | None = None
         #: Slurm commands per round, newest last (what the tests and the benchmark read).
         self.round_queries: list[Counter[str]] = []
         self._waiter: asyncio.Future[bool] | None = None
@@ -244,18 +246,22 @@ class ClusterPoller:
             return False
         except (SlurmError, SlurmParseError, ValueError, OSError) as exc:
             self.failures += 1
+            now = time.monotonic()
+            self.failing_since = self.failing_since if self.failing_since is not None else now
             self._record_round(before)
             limit = min([s.failure_limit for s in subs] or [self.failure_limit])
-            message = f"Slurm poll on {self.conn_id!r} failed ({self.failures}/{limit}): {exc}"
+            patience = min([s.failure_patience for s in subs] or [0.0])
+            message = (f"Slurm poll on {self.conn_id!r} failed ({self.failures}/{limit}, failing for "
+                       f"{now - self.failing_since:.0f}/{patience:.0f} s): {exc}")
             log.warning("%s", message)
-            if self.failures >= limit:
+            if out_of_patience(self.failures, now - self.failing_since, limit, patience):
                 self._broadcast_error(message)
-                self.failures = 0
+                self.failures, self.failing_since = 0, None
             else:
                 for sub in subs:
                     sub.queue.put_nowait(PollUpdate(warning=message, round=self.rounds))
             return False
-        self.failures = 0
+        self.failures, self.failing_since = 0, None
         self._record_round(before)
         changed = False
         by_read = iter(chunks)

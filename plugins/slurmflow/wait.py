@@ -38,6 +38,15 @@ from slurmflow.status import JobSnapshot
 WaitStatus = Literal["success", "failed", "timeout", "missing", "error"]
 
 
+def out_of_patience(failures: int, failing_for: float, limit: int, patience: float) -> bool:
+    """Whether failed polls end a wait (as ``error``): ``limit`` of them in a row, spanning at
+    least ``patience`` seconds. Both: a count alone ran out after ~150 s of backed-off polls, so
+    an sshd outage of 2.5 min failed a task whose job ran on (its retry then adopted the job and
+    showed its log a second time: chaos, stop-sshd while deferred); a login node down for longer
+    still ends the wait with the cause."""
+    return failures >= limit and failing_for >= patience
+
+
 @dataclass(frozen=True)
 class WaitSettings:
     """How to wait for one job: every knob in one object, passed through every layer as is.
@@ -46,7 +55,8 @@ class WaitSettings:
     :param max_poll_interval: slowest poll interval while nothing changes, seconds.
     :param deadline: UNIX time after which the wait ends as ``timeout`` (``None``: never).
     :param missing_grace: seconds a job may be unknown to Slurm before the wait ends as ``missing``.
-    :param failure_limit: consecutive failed polls before the wait ends as ``error``.
+    :param failure_limit: consecutive failed polls before the wait ends as ``error``...
+    :param failure_patience: ...and for at least this many seconds (see :func:`out_of_patience`).
     :param cancel_array_on_failure: cancel the remaining array tasks once one failed.
     :param stream_logs: hand out the job's new log lines while it runs.
     :param tail_lines: lines of log tail a failure brings.
@@ -57,6 +67,7 @@ class WaitSettings:
     deadline: float | None = None
     missing_grace: float = 120.0
     failure_limit: int = 6
+    failure_patience: float = 600.0
     cancel_array_on_failure: bool = False
     stream_logs: bool = True
     tail_lines: int = 50
@@ -65,8 +76,8 @@ class WaitSettings:
         if self.poll_interval <= 0 or self.max_poll_interval < self.poll_interval:
             raise ValueError(f"need 0 < poll_interval <= max_poll_interval, got {self.poll_interval}, "
                              f"{self.max_poll_interval}")
-        if self.failure_limit < 1 or self.tail_lines < 0 or self.missing_grace < 0:
-            raise ValueError("failure_limit must be >= 1, tail_lines and missing_grace >= 0")
+        if self.failure_limit < 1 or self.tail_lines < 0 or self.missing_grace < 0 or self.failure_patience < 0:
+            raise ValueError("failure_limit must be >= 1, tail_lines, missing_grace and failure_patience >= 0")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -236,6 +247,7 @@ class WaitEngine:
     missing_since: float | None = None
     cancelled_rest: bool = False
     failures: int = 0
+    failing_since: float | None = None
     last_text: str = ""
     delivered: dict[str, int] = field(default_factory=dict)
     _carry: dict[str, bytes] = field(default_factory=dict, repr=False)
@@ -283,7 +295,7 @@ class WaitEngine:
     def observe(self, snap: JobSnapshot, now: float) -> Step:
         """Decide after a successful poll."""
         step = Step()
-        self.failures = 0
+        self.failures, self.failing_since = 0, None
         self.last = snap
         text = describe(snap)
         if text != self.last_text:
@@ -323,7 +335,10 @@ class WaitEngine:
     def poll_failed(self, error: str, now: float) -> Step:
         """Decide after a failed poll (the blocking waiter; the shared poller counts its own)."""
         self.failures += 1
-        if self.failures >= self.settings.failure_limit:
+        if self.failing_since is None:
+            self.failing_since = now
+        if out_of_patience(self.failures, now - self.failing_since, self.settings.failure_limit,
+                           self.settings.failure_patience):
             return Step(event=self._event("error", error, self.last))
         step = Step(messages=[f"Slurm poll failed ({self.failures}/{self.settings.failure_limit}): {error}"])
         step.event = self._deadline_event(now)

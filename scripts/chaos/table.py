@@ -143,7 +143,9 @@ FAULTS: dict[str, Fault] = {f.name: f for f in (
           "The login node is unreachable: a task that needs it waits inside its try, backing off, "
           "for up to 150 s (`connect_patience`); after that the try fails and the retry looks the "
           "training up by name before it submits; a deferred trigger keeps retrying (no event, no "
-          "cancel), the job keeps running, and when sshd is back the wait resumes where it was.",
+          "cancel) for up to `failure_patience` (10 min), the job keeps running, and when sshd is "
+          "back the wait resumes where it was; a longer outage ends the try with the cause and its "
+          "retry adopts the same job.",
           outage=(15.0, 180.0)),
     Fault("restart-slurmctld", "restart", "slurmctld", ("deferred", "job-end"),
           "The controller restarts from its state files: the job keeps its id and runs on, the "

@@ -96,7 +96,7 @@ def _task(site, index: int) -> None:
 
 async def _poll_once(conn_id: str) -> tuple:
     poller = ClusterPoller(conn_id, failure_limit=1, coalesce=0.0, linger=0.0)
-    sub = poller.subscribe(Subscription(job_id="999999", failure_limit=1))
+    sub = poller.subscribe(Subscription(job_id="999999", failure_limit=1, failure_patience=0))
     update = await asyncio.wait_for(sub.next_update(), 30)
     poller.unsubscribe(sub)
     queries = dict(poller.round_queries[0]) if poller.round_queries else {}

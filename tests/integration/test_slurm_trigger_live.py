@@ -230,7 +230,8 @@ def test_unreachable_host_ends_the_wait_with_the_cause(stack_env, monkeypatch):
     from slurmflow import poller
 
     monkeypatch.setattr(poller, "COALESCE_SECONDS", 0.0)
-    trigger = SlurmJobTrigger(job_id="1", poll_interval=0.2, max_poll_interval=0.4, failure_limit=2)
+    trigger = SlurmJobTrigger(job_id="1", poll_interval=0.2, max_poll_interval=0.4, failure_limit=2,
+                              failure_patience=0)
     started = time.monotonic()
     payload = asyncio.run(first_event(trigger, RecordingLog(), timeout=60))
     assert payload["status"] == "error"

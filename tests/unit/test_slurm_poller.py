@@ -101,7 +101,8 @@ def test_failures_become_an_error_naming_the_cause():
     async def go():
         poller, hook = make_poller(cluster)
         hook.fail_with = OSError("Connection refused")
-        s = poller.subscribe(sub(job.job_id, failure_limit=3, min_interval=0.001, max_interval=0.002))
+        s = poller.subscribe(sub(job.job_id, failure_limit=3, failure_patience=0, min_interval=0.001,
+                                 max_interval=0.002))
         updates = [await asyncio.wait_for(s.next_update(), 5) for _ in range(3)]
         poller.unsubscribe(s)
         return updates
@@ -109,6 +110,34 @@ def test_failures_become_an_error_naming_the_cause():
     updates = asyncio.run(go())
     assert [u.warning is not None for u in updates] == [True, True, False]
     assert "Connection refused" in updates[-1].error
+
+
+def test_failed_rounds_end_a_wait_only_once_they_span_the_patience(monkeypatch):
+    """Regression (chaos, stop-sshd while deferred): the count alone ran out after ~150 s of
+    backed-off polls, so a 150 s sshd outage failed the task while its job ran on. Many failed
+    rounds within ``failure_patience`` are warnings; the first one past it is the error."""
+    cluster = FakeCluster()
+    job = cluster.add_job("a", "RUNNING")
+    clock = [1000.0]
+    monkeypatch.setattr(poller_mod.time, "monotonic", lambda: clock[0])
+
+    async def go():
+        poller, hook = make_poller(cluster)
+        hook.fail_with = OSError("Connection refused")
+        s = poller.subscribe(sub(job.job_id, failure_limit=3, failure_patience=300, min_interval=0.001,
+                                 max_interval=0.002))
+        updates = []
+        for _ in range(8):  # 8 failed rounds, 30 s apart: 210 s, within the patience
+            updates.append(await asyncio.wait_for(s.next_update(), 5))
+            clock[0] += 30
+        clock[0] += 100  # the outage goes on: 310 s since the first failure
+        updates.append(await asyncio.wait_for(s.next_update(), 5))
+        poller.unsubscribe(s)
+        return updates
+
+    updates = asyncio.run(go())
+    assert all(u.warning and u.error is None for u in updates[:8]), updates
+    assert updates[8].error and "Connection refused" in updates[8].error
 
 
 def test_log_lines_of_running_jobs_in_one_batched_read(tmp_path):

@@ -131,7 +131,8 @@ def test_unreachable_cluster_becomes_an_error_event(cluster, monkeypatch):
     broken = FakeAsyncHook(cluster)
     broken.fail_with = OSError("[Errno 111] Connection refused")
     monkeypatch.setattr(poller_mod, "_default_hook", lambda conn_id: broken)
-    event = asyncio.run(first_event(make("5", failure_limit=2, poll_interval=0.001, max_poll_interval=0.002)))
+    event = asyncio.run(first_event(make("5", failure_limit=2, failure_patience=0, poll_interval=0.001,
+                                                max_poll_interval=0.002)))
     assert event["status"] == "error" and "Connection refused" in event["message"]
 
 

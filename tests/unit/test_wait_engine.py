@@ -91,9 +91,17 @@ def test_deadline_and_poll_failures():
     assert engine.observe(snap("RUNNING"), now=22).event is None  # a good poll resets the count
     assert engine.poll_failed("x", now=23).event is None
     assert engine.observe(snap("RUNNING"), now=50).event.status == "timeout"
-    engine = WaitEngine("7", WaitSettings(failure_limit=2))
+    engine = WaitEngine("7", WaitSettings(failure_limit=2, failure_patience=0))
     engine.poll_failed("x", now=0)
     assert engine.poll_failed("boom", now=1).event.status == "error"
+    # the default patience: failed polls end the wait only once they span 600 s
+    engine = WaitEngine("7", WaitSettings(failure_limit=2))
+    assert [engine.poll_failed("x", now=t).event for t in (0, 60, 300, 599)] == [None] * 4
+    assert engine.poll_failed("still down", now=600).event.status == "error"
+    engine = WaitEngine("7", WaitSettings(failure_limit=2))
+    engine.poll_failed("x", now=0)
+    engine.observe(snap("RUNNING"), now=500)  # back: the next outage starts its own clock
+    assert engine.poll_failed("x", now=700).event is None and engine.poll_failed("x", now=1000).event is None
 
 
 def test_lines_are_whole_and_delivered_offsets_exclude_the_unfinished_one():

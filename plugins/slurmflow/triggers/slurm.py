@@ -123,6 +123,7 @@ class SlurmJobTrigger(BaseTrigger):
                 min_interval=self.settings.poll_interval,
                 max_interval=self.settings.max_poll_interval,
                 failure_limit=self.settings.failure_limit,
+                failure_patience=self.settings.failure_patience,
             )
         except Exception as exc:
             yield TriggerEvent(engine.gave_up(f"cannot start polling Slurm job {self.job_id}: {exc}").to_payload())
